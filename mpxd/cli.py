@@ -1,0 +1,197 @@
+"""The ``mpxd`` command: options to a frozen ``Config``, errors to exit codes.
+
+Exit status: 0 clean shutdown, 1 runtime or script error (including a taken
+port or pidfile), 2 usage error.  Every error a user can cause is one line on
+stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from . import __version__
+from .config import Config
+from .core import Core
+from .daemonize import Detached, detach
+from .listeners import ListenError, bind_listeners, describe
+from .logs import LEVELS, setup_logging
+from .loop import Loop
+from .pidfile import PidFile, PidFileError
+from .privileges import PrivilegeError, drop_privileges
+from .script import ScriptError, load_script
+from .systemd import Notifier, listen_fds
+
+log = logging.getLogger("mpxd")
+
+EOLS = {"lf": "\n", "crlf": "\r\n"}
+
+
+class StartupError(Exception):
+    """Start-up failed for a reason the message explains; exit status 1."""
+
+
+def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and value < 0:
+        raise click.BadParameter("must be 0 or more seconds")
+    return value or None if param.name == "idle_timeout" else value
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"],
+                                 "auto_envvar_prefix": "MPXD",
+                                 "max_content_width": 100})
+@click.argument("script", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--port", "-p", type=click.IntRange(0, 65535),
+              help="TCP port to listen on; 0 picks a free one. Not needed "
+                   "under systemd socket activation.")
+@click.option("--host", "hosts", multiple=True, metavar="ADDRESS",
+              help="Address to listen on; repeatable. Default: 127.0.0.1 and ::1. "
+                   "Use 0.0.0.0 and :: for all interfaces.")
+@click.option("--eol", type=click.Choice(sorted(EOLS)), default="lf", show_default=True,
+              help="End-of-line written after each response.")
+@click.option("--poller", type=click.Choice(["epoll", "poll"]), default="epoll",
+              show_default=True, help="Readiness mechanism (epoll falls back to "
+                                      "poll where the system has none).")
+@click.option("--max-line", type=click.IntRange(1), default=65536, show_default=True,
+              metavar="BYTES", help="Longest accepted input line; a longer one gets "
+                                    "'ERROR line too long' and the session is closed.")
+@click.option("--max-output", type=click.IntRange(1), default=16 * 1024 * 1024,
+              show_default=True, metavar="BYTES",
+              help="Unsent output at which a session that does not read is closed. "
+                   "Input stops being read past 1 MiB (or a sixteenth of this).")
+@click.option("--max-connections", type=click.IntRange(0), default=0, metavar="N",
+              help="Open sessions at most; more clients wait in the listen backlog. "
+                   "Default 0: the file-descriptor limit less 32.")
+@click.option("--idle-timeout", type=float, default=None, metavar="SECONDS",
+              callback=_seconds, help="Close sessions without input for this long. "
+                                      "Default: never.")
+@click.option("--drain-timeout", type=float, default=10.0, show_default=True,
+              metavar="SECONDS", callback=_seconds,
+              help="On TERM/INT, how long queued output may take before sessions "
+                   "are closed anyway.")
+@click.option("--threads", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="Worker threads for mpxd.run_in_thread.")
+@click.option("--pidfile", type=click.Path(dir_okay=False), default=None,
+              help="Write the pid here and hold a lock on it; a second instance "
+                   "with the same pidfile refuses to start.")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+              help="Log to this file instead of stderr; SIGUSR1 reopens it.")
+@click.option("--syslog", is_flag=True, help="Log to syslog (facility daemon).")
+@click.option("--log-level", type=click.Choice(LEVELS), default="info",
+              show_default=True, help="Least severe level logged.")
+@click.option("--daemon", "-d", "daemonize", is_flag=True,
+              help="Detach into the background (for a plain init); the command "
+                   "exits 0 once the daemon listens.")
+@click.option("--user", default=None, help="Switch to this user after binding.")
+@click.option("--group", default=None, help="Switch to this group after binding "
+                                           "(default: the user's group).")
+@click.option("--check", is_flag=True,
+              help="Only load and validate SCRIPT; exit 0 if it is usable, else 1.")
+@click.version_option(__version__, "--version", "-V", prog_name="mpxd")
+def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller: str,
+         max_line: int, max_output: int, max_connections: int,
+         idle_timeout: float | None, drain_timeout: float, threads: int,
+         pidfile: str | None, log_file: str | None, syslog: bool, log_level: str,
+         daemonize: bool, user: str | None, group: str | None, check: bool) -> None:
+    """Serve a line-based TCP protocol from the handler functions in SCRIPT.
+
+    SCRIPT is a Python file defining handle_request(s) and optionally
+    handle_open(s) and handle_close(s).  mpxd calls handle_request once per
+    input line with s.request set and sends back what s.response holds.
+
+    \b
+    Example:
+      mpxd --port 47110 handlers/counter.py
+      printf '1\\n1\\n5 global\\n' | nc -N localhost 47110
+
+    Signals: TERM/INT drain and stop, HUP reloads SCRIPT, USR1 reopens logs.
+    Every option can also be set as MPXD_<OPTION>, e.g. MPXD_PORT=47110.
+    """
+    if check:
+        try:
+            load_script(script)
+        except ScriptError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"{os.path.abspath(script)}: ok")
+        return
+
+    high_water = min(1024 * 1024, max(1, max_output // 16))
+    config = Config(
+        script=os.path.abspath(script), port=port,
+        hosts=tuple(hosts) or ("127.0.0.1", "::1"), eol=EOLS[eol], poller=poller,
+        max_line=max_line, high_water=high_water, low_water=high_water // 4,
+        max_output=max_output, max_connections=max_connections,
+        idle_timeout=idle_timeout, drain_timeout=drain_timeout, threads=threads,
+        pidfile=os.path.abspath(pidfile) if pidfile else None,
+        log_file=os.path.abspath(log_file) if log_file else None,
+        log_level=log_level, syslog=syslog, daemon=daemonize, user=user, group=group,
+    )
+    inherited = listen_fds()
+    if port is None and not inherited:
+        raise click.UsageError("no --port given and no sockets passed by systemd "
+                               "(LISTEN_FDS); say where to listen, e.g. --port 47110")
+    sys.exit(run(config, inherited))
+
+
+def run(config: Config, inherited: list) -> int:
+    """Start up, serve until stopped, clean up; return the exit status."""
+    detached: Detached | None = None
+    try:
+        reopenable = setup_logging(config.log_level, config.log_file, config.syslog)
+    except OSError as e:
+        click.echo(f"Error: cannot open log file {config.log_file}: {e.strerror}", err=True)
+        return 1
+    if config.daemon:
+        if not config.log_file and not config.syslog:
+            log.warning("--daemon without --log-file or --syslog: log lines are discarded")
+        detached = detach()
+    pidfile = PidFile(config.pidfile) if config.pidfile else None
+    listeners: list = []
+    try:
+        if pidfile is not None:
+            pidfile.acquire()
+        listeners = inherited or bind_listeners(config.hosts, config.port or 0,
+                                                config.backlog)
+        drop_privileges(config.user, config.group)
+        handlers = load_script(config.script)
+    except (PidFileError, ListenError, PrivilegeError, ScriptError) as e:
+        for sock in listeners:
+            sock.close()
+        if pidfile is not None:
+            pidfile.release()
+        if detached is not None:
+            detached.failed(str(e))
+        log.error("%s", e)
+        if not config.daemon and log.handlers and not _logs_to_stderr():
+            click.echo(f"Error: {e}", err=True)
+        return 1
+
+    notifier = Notifier.from_environment()
+    core = Core(handlers, config)
+    loop = Loop(core, config, listeners, notifier,
+                reopen_logs=lambda: [h.reopen() for h in reopenable])
+    for sock in listeners:
+        log.info("listening on %s", describe(sock))
+    notifier.ready(f"listening on {', '.join(describe(s) for s in listeners)}")
+    if detached is not None:
+        detached.ready()
+    try:
+        loop.run()
+    finally:
+        if pidfile is not None:
+            pidfile.release()
+        notifier.close()
+    log.info("stopped")
+    return 0
+
+
+def _logs_to_stderr() -> bool:
+    return any(getattr(h, "stream", None) is sys.stderr
+               for h in logging.getLogger("mpxd").handlers)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,41 @@
+"""The frozen settings one run of mpxd works with.
+
+The CLI turns options into a ``Config``; the core, the loop and the test kit
+read it.  Defaults live here, once, and ``--help`` and the man page quote them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Config"]
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run is configured with; see ``mpxd --help``."""
+
+    script: str = ""
+    port: int | None = None
+    hosts: tuple[str, ...] = ("127.0.0.1", "::1")
+    eol: str = "\n"
+    poller: str = "epoll"
+    backlog: int = 1024
+    max_line: int = 64 * KiB
+    high_water: int = 1 * MiB
+    low_water: int = 256 * KiB
+    max_output: int = 16 * MiB
+    max_connections: int = 0          # 0: derived from RLIMIT_NOFILE
+    idle_timeout: float | None = None
+    drain_timeout: float = 10.0
+    threads: int = 4
+    pidfile: str | None = None
+    log_file: str | None = None
+    log_level: str = "info"
+    syslog: bool = False
+    daemon: bool = False
+    user: str | None = None
+    group: str | None = None

@@ -1,0 +1,454 @@
+"""The server core: sessions, framing, handler calls, output queues and timers.
+
+The core never touches a socket or a poller.  An I/O edge drives it:
+
+* the edge tells the core what happened: ``open_session``, ``data_received``,
+  ``eof_received``, ``connection_lost``, ``output_drained``, ``finish``;
+* the core answers by changing session state (queued output in ``s._out``,
+  ``s._paused``, ``s._closing``, ``s._abort``) and listing every session whose
+  state changed in ``core.dirty``; the edge works through that list after
+  each pass of its loop: writes the output, adjusts what it polls for, closes.
+
+``mpxd.loop`` is the real edge (sockets and epoll); ``mpxd.testing`` is a fake
+one.  Both run exactly this code, so what a handler author tests is what the
+daemon does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator
+
+from .config import Config
+from .framing import LineFramer
+from .script import Handlers
+from .session import Session
+from .timers import Timer, TimerHeap
+
+__all__ = ["Core", "current_core"]
+
+log = logging.getLogger("mpxd")
+
+ERROR_LINE_TOO_LONG = "ERROR line too long"
+
+_current: Core | None = None
+
+
+def current_core() -> Core:
+    """The core whose handler code is running (for ``mpxd.call_later`` & co)."""
+    if _current is None:
+        raise RuntimeError("no mpxd server is running in this process "
+                           "(call this from handler code)")
+    return _current
+
+
+def format_peer(peer: Any) -> str:
+    """``host:port``, ``[v6]:port``, or the peer as given (unix sockets)."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer)
+
+
+class Core:
+    """Everything between the bytes an edge reads and the bytes it writes."""
+
+    def __init__(self, handlers: Handlers, config: Config,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.now = clock()
+        self.started = self.now
+        self.timers = TimerHeap()
+        self.sessions_by_id: dict[int, Session] = {}
+        self.dirty: list[Session] = []
+        self.errors: list[tuple[str, Session | None, BaseException]] | None = None
+        self.wake: Callable[[], None] = lambda: None   # set by the edge
+        self._ready: deque[tuple[Callable[..., Any], tuple]] = deque()
+        self._executor: ThreadPoolExecutor | None = None
+        self._next_id = 1
+        self._eol = config.eol
+        self._eol_bytes = config.eol.encode()
+        self._high_water = config.high_water
+        self._low_water = config.low_water
+        self._max_output = config.max_output
+        self._max_line = config.max_line
+        # figures for logs, STATUS= and the control channel
+        self.connections_total = 0
+        self.requests_total = 0
+        self.errors_total = 0
+        self.reloads = 0
+        self._install(handlers)
+
+    # ----------------------------------------------------------- the script
+
+    def _install(self, handlers: Handlers) -> None:
+        self.handlers = handlers
+        self._handle_request = handlers.handle_request
+        self._handle_open = handlers.handle_open
+        self._handle_close = handlers.handle_close
+
+    def start(self) -> None:
+        """Make this the current core and run the script's ``on_start``."""
+        global _current
+        _current = self
+        if self.handlers.on_start is not None:
+            self._call_user(self.handlers.on_start, None, "on_start", self)
+
+    def stop(self) -> None:
+        """Run the script's ``on_stop`` and end the worker threads."""
+        global _current
+        _current = self
+        if self.handlers.on_stop is not None:
+            self._call_user(self.handlers.on_stop, None, "on_stop", self)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def reload(self, handlers: Handlers) -> None:
+        """Swap in a newly loaded, already validated version of the script.
+
+        Open sessions stay and keep their ``handle``; the new module's
+        ``on_reload(old_module)`` runs first so it can carry state over.
+        """
+        global _current
+        _current = self
+        old = self.handlers
+        if handlers.on_reload is not None:
+            self._call_user(handlers.on_reload, None, "on_reload", old.module)
+        self._install(handlers)
+        self.reloads += 1
+
+    # ------------------------------------------------------ edge -> core
+
+    def open_session(self, peer: Any) -> Session:
+        """A connection was accepted: make its session and greet it."""
+        global _current
+        _current = self
+        session_id = self._next_id
+        self._next_id = session_id + 1
+        s = Session(self, session_id, peer, LineFramer(self._max_line), self.now)
+        self.sessions_by_id[session_id] = s
+        self.connections_total += 1
+        if self.config.idle_timeout:
+            self.set_idle_timeout(s, self.config.idle_timeout)
+        if self._handle_open is not None:
+            s._batch = batch = []
+            ok = self._call_user(self._handle_open, s, "handle_open", s)
+            s._batch = None
+            if ok and s.response:
+                batch.append(s.response)
+            s.response = ""
+            if batch:
+                self._queue_batch(s, batch)
+            if not ok:
+                self.request_close(s, "error")
+        return s
+
+    def data_received(self, s: Session, data: bytes) -> None:
+        """Bytes arrived for ``s``: frame them and handle every complete line."""
+        s._bytes_in += len(data)
+        s._last_input = self.now
+        framer = s._framer
+        lines = framer.feed(data)
+        if lines:
+            if s._held is not None:
+                s._held.extend(lines)
+            else:
+                self._handle_lines(s, lines)
+        if framer.overflow and not s._closing:
+            self._line_too_long(s)
+
+    def eof_received(self, s: Session) -> None:
+        """The peer will send no more: handle the last line, then close."""
+        s._eof = True
+        lines = s._framer.finish()
+        if lines and not s._closing:
+            if s._held is not None:
+                s._held.extend(lines)
+            else:
+                self._handle_lines(s, lines)
+        if s._held is None:
+            self.request_close(s, "eof")
+
+    def connection_lost(self, s: Session, reason: str) -> None:
+        """The connection broke (reset, write error): drop its output."""
+        self.abort(s, reason)
+
+    def output_drained(self, s: Session) -> None:
+        """The edge wrote ``s``'s output below the low-water mark: read again."""
+        if not s._paused or s._closing:
+            return
+        s._paused = False
+        held, s._held = s._held, None
+        if held:
+            self._handle_lines(s, held)
+        if s._eof and s._held is None:
+            self.request_close(s, "eof")
+        self.dirty.append(s)
+
+    def finish(self, s: Session) -> None:
+        """The edge closed ``s``'s connection: run ``handle_close`` once, log it."""
+        if s._finished:
+            return
+        global _current
+        _current = self
+        s._finished = True
+        s.closed = True
+        s._held = None
+        s._out = None
+        if s._idle_timer is not None:
+            s._idle_timer.cancel()
+            s._idle_timer = None
+        self.sessions_by_id.pop(s.id, None)
+        if self._handle_close is not None:
+            self._call_user(self._handle_close, s, "handle_close", s)
+        if log.isEnabledFor(logging.INFO):
+            log.info("session %d %s closed: %s, %.3fs, %d requests, "
+                     "%d bytes in, %d bytes out",
+                     s.id, format_peer(s.peer), s._reason or "closed",
+                     self.now - s._started, s._requests, s._bytes_in, s._bytes_out)
+
+    # ----------------------------------------------------- handler calls
+
+    def _handle_lines(self, s: Session, lines: list[str]) -> None:
+        """Call ``handle_request`` for each line; queue the answers as one write.
+
+        Stops early when the handler closes the session, raises, or when the
+        answers pass the high-water mark; then the rest of the lines wait in
+        ``s._held`` and reading pauses until the output drains.
+        """
+        global _current
+        _current = self
+        handler = self._handle_request
+        batch: list[str] = []
+        s._batch = batch
+        room = self._high_water - s._out_size
+        size = 0
+        handled = 0
+        for line in lines:
+            handled += 1
+            s.request = line
+            s.response = ""
+            try:
+                handler(s)
+            except Exception as e:  # noqa: BLE001 - a handler bug ends its session only
+                self._handler_failed(s, line, e)
+                break
+            response = s.response
+            if response:
+                batch.append(response)
+                size += len(response)
+            if s.closed:
+                break
+            if size > room and handled < len(lines):
+                s._held = lines[handled:]
+                s._paused = True
+                self.dirty.append(s)
+                break
+        s._batch = None
+        s._requests += handled
+        self.requests_total += handled
+        if batch:
+            self._queue_batch(s, batch)
+
+    def _handler_failed(self, s: Session, line: str, exc: Exception) -> None:
+        self.errors_total += 1
+        log.error("handle_request failed for session %d %s on request %r:\n%s",
+                  s.id, format_peer(s.peer), line,
+                  "".join(traceback.format_exception(exc)).rstrip())
+        if self.errors is not None:
+            self.errors.append(("handle_request", s, exc))
+        s.response = ""
+        self.request_close(s, "error")
+
+    def _call_user(self, fn: Callable[..., Any], s: Session | None,
+                   what: str, *args: Any) -> bool:
+        """Call user code other than ``handle_request``; log and survive errors."""
+        try:
+            fn(*args)
+            return True
+        except Exception as e:  # noqa: BLE001 - user code must not stop the loop
+            self.errors_total += 1
+            where = f" for session {s.id} {format_peer(s.peer)}" if s is not None else ""
+            log.error("%s failed%s:\n%s", what, where,
+                      "".join(traceback.format_exception(e)).rstrip())
+            if self.errors is not None:
+                self.errors.append((what, s, e))
+            return False
+
+    # ---------------------------------------------------------- output
+
+    def enqueue(self, s: Session, text: str) -> None:
+        """Queue one response (``send_response``); enforce the output caps."""
+        batch = s._batch
+        if batch is not None:       # from inside this session's own handler
+            batch.append(text)
+            return
+        self._queue_batch(s, [text])
+        if s._out_size > self._max_output:
+            log.warning("session %d %s: %d bytes of output unsent, more than "
+                        "--max-output %d; closing it", s.id, format_peer(s.peer),
+                        s._out_size, self._max_output)
+            self.abort(s, "output overflow")
+        elif s._out_size > self._high_water and not s._paused:
+            s._paused = True
+            self.dirty.append(s)
+
+    def _queue_batch(self, s: Session, batch: list[str]) -> None:
+        """Encode responses as lines and append them to ``s``'s output."""
+        eol = self._eol
+        text = eol.join(batch)
+        if text.count("\n") != len(batch) - 1:   # line breaks inside responses
+            text = eol.join([self._as_lines(r) for r in batch])
+        data = (text + eol).encode("utf-8", "surrogateescape")
+        out = s._out
+        if out is None:
+            s._out = [data]
+            self.dirty.append(s)
+        else:
+            out.append(data)
+        s._out_size += len(data)
+
+    def _as_lines(self, response: str) -> str:
+        """One response with its own line breaks, in this run's end-of-line.
+
+        A single trailing line break is dropped (the end-of-line is added
+        anyway), so ``s.response = "done\\n"`` sends one line, not two.
+        """
+        if response.endswith("\n"):
+            response = response[:-2] if response.endswith("\r\n") else response[:-1]
+        if self._eol == "\r\n":
+            response = response.replace("\r\n", "\n").replace("\n", "\r\n")
+        return response
+
+    def _line_too_long(self, s: Session) -> None:
+        log.warning("session %d %s: line longer than --max-line %d bytes; closing it",
+                    s.id, format_peer(s.peer), self._max_line)
+        self._queue_batch(s, [ERROR_LINE_TOO_LONG])
+        self.request_close(s, "line too long")
+
+    # ------------------------------------------------------- closing
+
+    def request_close(self, s: Session, reason: str) -> None:
+        """Close ``s`` once its queued output is written; drop unhandled input."""
+        if s._closing:
+            return
+        s.closed = True
+        s._closing = True
+        s._held = None
+        if not s._reason:
+            s._reason = reason
+        self.dirty.append(s)
+
+    def abort(self, s: Session, reason: str) -> None:
+        """Close ``s`` at once, dropping its queued output."""
+        if s._abort or s._finished:
+            return
+        s.closed = True
+        s._closing = True
+        s._abort = True
+        s._held = None
+        if not s._reason:
+            s._reason = reason
+        self.dirty.append(s)
+
+    def shutdown(self) -> None:
+        """Begin a graceful stop: every session writes its output and closes."""
+        for s in list(self.sessions_by_id.values()):
+            self.request_close(s, "shutdown")
+
+    # --------------------------------------------------------- timers
+
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
+        return self.timers.add(self.now + max(0.0, delay), fn, args)
+
+    def call_every(self, interval: float, fn: Callable[..., Any], *args: Any) -> Timer:
+        if not interval > 0:
+            raise ValueError(f"call_every needs an interval above 0, not {interval!r}")
+        return self.timers.add(self.now + interval, fn, args, interval)
+
+    def next_deadline(self) -> float | None:
+        return self.timers.next_deadline()
+
+    def run_timers(self) -> None:
+        """Run every timer due at ``self.now``."""
+        global _current
+        _current = self
+        self.timers.run_due(self.now, self._run_timer)
+
+    def _run_timer(self, timer: Timer) -> None:
+        self._call_user(timer.callback, None, "timer " + getattr(
+            timer.callback, "__qualname__", repr(timer.callback)), *timer.args)
+
+    def set_idle_timeout(self, s: Session, seconds: float | None) -> None:
+        """Close ``s`` after ``seconds`` without input (``None``: never)."""
+        if s._idle_timer is not None:
+            s._idle_timer.cancel()
+            s._idle_timer = None
+        s._idle_timeout = seconds if seconds and seconds > 0 else None
+        if s._idle_timeout is not None and not s._finished:
+            s._idle_timer = self.timers.add(
+                s._last_input + s._idle_timeout, self._check_idle, (s,))
+
+    def _check_idle(self, s: Session) -> None:
+        # Input only records a time; the timer re-arms itself lazily, so a
+        # busy session costs one heap push per timeout period, not per line.
+        s._idle_timer = None
+        if s._finished or s._idle_timeout is None:
+            return
+        deadline = s._last_input + s._idle_timeout
+        if deadline <= self.now:
+            self.request_close(s, "timeout")
+        else:
+            s._idle_timer = self.timers.add(deadline, self._check_idle, (s,))
+
+    # -------------------------------------------------------- threads
+
+    def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop thread soon; callable from any thread."""
+        self._ready.append((fn, args))
+        self.wake()
+
+    def run_in_thread(self, fn: Callable[..., Any], *args: Any,
+                      then: Callable[[Any], Any] | None = None) -> None:
+        """Run ``fn(*args)`` in the worker pool; ``then(result or exception)``
+        runs on the loop thread afterwards."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.config.threads, thread_name_prefix="mpxd-worker")
+        future = self._executor.submit(fn, *args)
+        if then is not None:
+            future.add_done_callback(
+                lambda f: self.call_soon_threadsafe(self._deliver, f, then))
+
+    @staticmethod
+    def _deliver(future: Any, then: Callable[[Any], Any]) -> None:
+        try:
+            result = future.result()
+        except BaseException as e:  # noqa: BLE001 - handed to the callback
+            result = e
+        then(result)
+
+    def run_ready(self) -> None:
+        """Run the callbacks queued by ``call_soon_threadsafe``."""
+        global _current
+        _current = self
+        ready = self._ready
+        for _ in range(len(ready)):
+            fn, args = ready.popleft()
+            self._call_user(fn, None, getattr(fn, "__qualname__", repr(fn)), *args)
+
+    @property
+    def has_ready(self) -> bool:
+        return bool(self._ready)
+
+    # ----------------------------------------------------- inspection
+
+    def sessions(self) -> Iterator[Session]:
+        """The open sessions (a snapshot, safe to close sessions while iterating)."""
+        return iter([s for s in self.sessions_by_id.values() if not s.closed])

@@ -1,0 +1,97 @@
+"""Open the listening sockets: bound from options, or handed over by systemd."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+__all__ = ["ListenError", "bind_listeners", "describe"]
+
+DEFAULT_HOSTS = ("127.0.0.1", "::1")
+
+
+class ListenError(Exception):
+    """A listening socket cannot be opened; the message names address and port."""
+
+
+def describe(sock: socket.socket) -> str:
+    """``HOST:PORT`` (``[v6]:PORT``) or the path a socket listens on."""
+    address = sock.getsockname()
+    if sock.family == socket.AF_INET6:
+        return f"[{address[0]}]:{address[1]}"
+    if sock.family == socket.AF_INET:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _bind_one(host: str, port: int, backlog: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ListenError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    family, _type, proto, _name, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # "::" must not swallow IPv4, so that 0.0.0.0 and :: can both be used.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        if e.errno == errno.EADDRINUSE:
+            raise ListenError(f"cannot listen on {shown}: address already in use "
+                              f"(is another mpxd or another server running there?)") from None
+        raise ListenError(f"cannot listen on {shown}: {e.strerror}") from None
+    return sock
+
+
+def bind_listeners(hosts: tuple[str, ...], port: int, backlog: int) -> list[socket.socket]:
+    """Listen on ``port`` at every host; port 0 picks one free port for all.
+
+    The default pair 127.0.0.1 and ::1 tolerates a machine without IPv6: ::1
+    is skipped when the kernel has no IPv6 loopback.  A host the user named
+    explicitly must work, or start-up fails.
+    """
+    sockets: list[socket.socket] = []
+    optional = tuple(hosts) == DEFAULT_HOSTS
+    try:
+        for host in hosts:
+            try:
+                sock = _bind_one(host, port, backlog)
+            except ListenError:
+                if optional and host == "::1" and not socket.has_ipv6:
+                    continue
+                if optional and host == "::1" and _no_ipv6_loopback():
+                    continue
+                raise
+            sockets.append(sock)
+            if port == 0:
+                port = sock.getsockname()[1]   # the others share the picked port
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _no_ipv6_loopback() -> bool:
+    try:
+        probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        return True
+    try:
+        probe.bind(("::1", 0))
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()

@@ -1,0 +1,399 @@
+"""The I/O edge: listening sockets, the poll set, accept, recv, send, close.
+
+This is the only module that touches the poll set.  It reads bytes and hands
+them to the core (``mpxd.core``), then works through ``core.dirty``: writes
+queued output, adjusts what each socket is polled for, and closes sessions
+the core marked.  Signals arrive through ``mpxd.signals.Wakeup`` and are
+dispatched to ``handle_<name>`` methods here, in the loop, never in the
+signal handler.
+
+Hot path, per readable connection: one ``recv``, one call into the core,
+and, after all events of the pass, one ``send`` per session with output.
+Write interest is registered only while output is left over.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import signal
+import socket
+from typing import Callable
+
+from .config import Config
+from .core import Core, format_peer
+from .script import ScriptError, load_script
+from .session import Session
+from .signals import Wakeup
+from .systemd import Notifier
+
+__all__ = ["Loop", "make_poller"]
+
+log = logging.getLogger("mpxd")
+
+IN = select.POLLIN
+OUT = select.POLLOUT
+ERR_HUP = select.POLLERR | select.POLLHUP
+READABLE = IN | ERR_HUP
+RECV_SIZE = 256 * 1024
+ACCEPT_BATCH = 128
+ACCEPT_BACKOFF = 0.1            # seconds without accepting after EMFILE
+STATUS_INTERVAL = 5.0           # seconds between systemd STATUS= updates
+
+ROUTINE_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN,
+                  errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH}
+FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class _Poller:
+    """``select.poll`` or ``select.epoll`` behind one small interface.
+
+    Both report the same bit values on Linux (POLLIN == EPOLLIN, ...); only
+    the timeout unit differs, and ``wait`` takes seconds for both.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        if kind == "epoll":
+            self._p = select.epoll()
+            self.wait = self._p.poll
+        else:
+            self._p = select.poll()
+            poll = self._p.poll
+            self.wait = lambda timeout: poll(None if timeout is None else timeout * 1000.0)
+        self.register = self._p.register
+        self.modify = self._p.modify
+        self.unregister = self._p.unregister
+
+    def close(self) -> None:
+        if self.kind == "epoll":
+            self._p.close()
+
+
+def make_poller(kind: str) -> _Poller:
+    """A poller of ``kind`` (``epoll`` or ``poll``); epoll falls back to poll."""
+    if kind == "epoll" and not hasattr(select, "epoll"):
+        kind = "poll"
+    return _Poller(kind)
+
+
+class Loop:
+    """Run a ``Core`` over real sockets until shut down."""
+
+    def __init__(self, core: Core, config: Config, listeners: list[socket.socket],
+                 notifier: Notifier | None = None,
+                 reopen_logs: Callable[[], None] | None = None) -> None:
+        self.core = core
+        self.config = config
+        self.notifier = notifier or Notifier(None)
+        self.reopen_logs = reopen_logs
+        self.poller = make_poller(config.poller)
+        self.listeners = {sock.fileno(): sock for sock in listeners}
+        self.conns: dict[int, Session] = {}
+        self.max_connections = config.max_connections or default_max_connections()
+        self.accepting = False
+        self.draining = False
+        self.running = False
+        self._emfile_logged = False
+        self._wakeup = Wakeup()
+        core.wake = self._wakeup.wake
+
+    # ------------------------------------------------------------ running
+
+    def run(self) -> None:
+        """Serve until a TERM/INT-initiated drain has closed every session."""
+        core = self.core
+        poller = self.poller
+        self._wakeup.install()
+        poller.register(self._wakeup.fileno(), IN)
+        self._start_accepting()
+        core.start()
+        if self.notifier.enabled:
+            core.call_every(STATUS_INTERVAL, self._report_status)
+            if self.notifier.watchdog_interval:
+                core.call_every(self.notifier.watchdog_interval, self.notifier.watchdog)
+        self.running = True
+        try:
+            self._serve()
+        finally:
+            self.running = False
+            core.stop()
+            self._wakeup.close()
+            poller.close()
+
+    def _serve(self) -> None:
+        core = self.core
+        conns = self.conns
+        wait = self.poller.wait
+        clock = core.clock
+        dirty = core.dirty
+        wake_fd = self._wakeup.fileno()
+        data_received = core.data_received
+        flush = self._flush
+        while self.running:
+            deadline = core.next_deadline()
+            if core.has_ready:
+                timeout = 0.0
+            elif deadline is None:
+                timeout = None
+            else:
+                timeout = max(0.0, deadline - clock())
+            events = wait(timeout)
+            core.now = clock()
+            for fd, mask in events:
+                s = conns.get(fd)
+                if s is None:
+                    if fd == wake_fd:
+                        self._dispatch_signals()
+                    elif fd in self.listeners:
+                        self._accept(self.listeners[fd])
+                    continue
+                if mask & READABLE and s._mask & IN:
+                    try:
+                        data = s._sock.recv(RECV_SIZE)
+                    except (BlockingIOError, InterruptedError):
+                        data = None
+                    except OSError as e:
+                        self._broken(s, e)
+                        continue
+                    if data:
+                        data_received(s, data)
+                    elif data is not None:
+                        core.eof_received(s)
+                if mask & OUT or (mask & ERR_HUP and not s._mask & IN):
+                    dirty.append(s)
+            if deadline is not None and deadline <= core.now:
+                core.run_timers()
+            if core.has_ready:
+                core.run_ready()
+            if dirty:
+                for s in dirty:
+                    flush(s)
+                dirty.clear()
+            if self.draining and not conns:
+                break
+
+    # ------------------------------------------------------------- accept
+
+    def _start_accepting(self) -> None:
+        if not self.accepting and not self.draining:
+            for fd in self.listeners:
+                self.poller.register(fd, IN)
+            self.accepting = True
+
+    def _stop_accepting(self) -> None:
+        if self.accepting:
+            for fd in self.listeners:
+                self.poller.unregister(fd)
+            self.accepting = False
+
+    def _accept(self, listener: socket.socket) -> None:
+        core = self.core
+        conns = self.conns
+        register = self.poller.register
+        for _ in range(ACCEPT_BATCH):
+            if len(conns) >= self.max_connections:
+                # New clients wait in the kernel's backlog until room frees.
+                self._stop_accepting()
+                return
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                if e.errno in FD_EXHAUSTED:
+                    self._fd_exhausted(e)
+                    return
+                log.debug("accept failed: %s", e)    # ECONNABORTED and friends
+                continue
+            self._emfile_logged = False
+            sock.setblocking(False)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = addr[:2]
+            else:
+                peer = addr or "unix"
+            s = core.open_session(peer)
+            fd = sock.fileno()
+            s._sock = sock
+            s._fd = fd
+            s._mask = IN
+            conns[fd] = s
+            register(fd, IN)
+
+    def _fd_exhausted(self, e: OSError) -> None:
+        """Out of descriptors: log once per burst, pause accepting briefly."""
+        if not self._emfile_logged:
+            log.warning("cannot accept: %s (%d connections open); "
+                        "pausing accepts for %.1fs", e.strerror, len(self.conns),
+                        ACCEPT_BACKOFF)
+            self._emfile_logged = True
+        self._stop_accepting()
+        self.core.call_later(ACCEPT_BACKOFF, self._start_accepting)
+
+    # -------------------------------------------------------------- write
+
+    def _flush(self, s: Session) -> None:
+        """Write what ``s`` has queued; close it or re-arm polling as its state says."""
+        if s._finished:
+            return
+        if s._abort:
+            self._close(s)
+            return
+        sock = s._sock
+        while True:
+            buf = s._wbuf
+            if buf is None:
+                out = s._out
+                if out is None:
+                    break
+                s._out = None
+                buf = out[0] if len(out) == 1 else b"".join(out)
+                s._woff = 0
+            offset = s._woff
+            try:
+                sent = sock.send(memoryview(buf)[offset:] if offset else buf)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as e:
+                self._broken(s, e)
+                return
+            s._bytes_out += sent
+            s._out_size -= sent
+            offset += sent
+            if offset < len(buf):
+                s._wbuf = buf
+                s._woff = offset
+                break
+            s._wbuf = None
+        if s._closing:
+            if s._wbuf is None:
+                self._close(s)
+                return
+        elif s._paused and s._out_size <= self.config.low_water:
+            self.core.output_drained(s)     # reads again; s is dirty again
+            return
+        want = 0 if (s._paused or s._closing) else IN
+        if s._wbuf is not None:
+            want |= OUT
+        if want != s._mask:
+            s._mask = want
+            self.poller.modify(s._fd, want)
+
+    # -------------------------------------------------------------- close
+
+    def _broken(self, s: Session, e: OSError) -> None:
+        """A socket call failed: routine errors quietly, others loudly."""
+        if e.errno in ROUTINE_ERRNOS:
+            log.debug("session %d %s: %s", s.id, format_peer(s.peer), e.strerror)
+            reason = "reset"
+        else:
+            log.error("session %d %s: socket error", s.id, format_peer(s.peer),
+                      exc_info=e)
+            reason = "error"
+        self.core.connection_lost(s, reason)
+        self._close(s)
+
+    def _close(self, s: Session) -> None:
+        """Close ``s``'s socket and let the core finish the session."""
+        if s._finished:
+            return
+        fd = s._fd
+        if self.conns.pop(fd, None) is not None:
+            try:
+                self.poller.unregister(fd)
+            except (OSError, KeyError, ValueError):
+                pass
+        s._wbuf = None
+        try:
+            s._sock.close()
+        except OSError:
+            pass
+        self.core.finish(s)
+        if not self.accepting and not self.draining and \
+                len(self.conns) < self.max_connections:
+            self._start_accepting()
+
+    # ------------------------------------------------------------ signals
+
+    def _dispatch_signals(self) -> None:
+        for signum in self._wakeup.drain():
+            name = signal.Signals(signum).name.lower()
+            getattr(self, "handle_" + name[3:])()
+
+    def handle_term(self) -> None:
+        """Graceful shutdown; a second TERM/INT while draining ends it at once."""
+        if self.draining:
+            log.info("second stop signal: closing %d sessions now", len(self.conns))
+            self._abort_all("shutdown")
+            return
+        self.begin_drain()
+
+    handle_int = handle_term
+
+    def handle_hup(self) -> None:
+        """Reload the script; keep the old one if the new one is broken."""
+        path = self.core.handlers.path
+        log.info("reloading %s", path)
+        self.notifier.reloading()
+        try:
+            handlers = load_script(path)
+        except ScriptError as e:
+            log.error("reload failed, still serving the previous version: %s", e)
+        else:
+            self.core.reload(handlers)
+            log.info("reloaded %s", path)
+        self.notifier.ready(self._status_text())
+
+    def handle_usr1(self) -> None:
+        """Reopen log files (after logrotate moved them)."""
+        if self.reopen_logs is not None:
+            self.reopen_logs()
+        log.info("log files reopened")
+
+    # ------------------------------------------------------------ draining
+
+    def begin_drain(self) -> None:
+        """Stop accepting and reading; close sessions once their output is out."""
+        if self.draining:
+            return
+        log.info("shutting down: %d sessions to drain (at most %gs)",
+                 len(self.conns), self.config.drain_timeout)
+        self.notifier.stopping()
+        self._stop_accepting()
+        self.draining = True
+        for fd, sock in self.listeners.items():
+            sock.close()
+        self.listeners.clear()
+        self.core.shutdown()
+        self.core.call_later(self.config.drain_timeout, self._drain_expired)
+
+    def _drain_expired(self) -> None:
+        if self.conns:
+            log.warning("drain timeout: closing %d sessions with output unsent",
+                        len(self.conns))
+            self._abort_all("shutdown")
+
+    def _abort_all(self, reason: str) -> None:
+        for s in list(self.conns.values()):
+            self.core.abort(s, reason)
+
+    # ------------------------------------------------------------- status
+
+    def _status_text(self) -> str:
+        core = self.core
+        return (f"{len(self.conns)} connections, {core.connections_total} total, "
+                f"{core.requests_total} requests")
+
+    def _report_status(self) -> None:
+        self.notifier.status(self._status_text())
+
+
+def default_max_connections() -> int:
+    """What RLIMIT_NOFILE allows, less headroom for listeners, logs and threads."""
+    import resource
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1_000_000
+    return max(1, soft - 32) if soft > 64 else max(1, soft // 2)

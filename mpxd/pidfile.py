@@ -1,0 +1,91 @@
+"""A pidfile held with ``flock`` for the whole run.
+
+The lock, not the pid written in the file, says whether an instance runs:
+a file nobody holds locked is stale whatever pid it names (pids get reused,
+``kill(pid, 0)`` lies), and is taken over.  After locking we check that the
+path still names the file we locked, because a previous owner may have
+removed it between our ``open`` and our ``flock``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+
+__all__ = ["PidFile", "PidFileError"]
+
+
+class PidFileError(Exception):
+    """The pidfile cannot be taken; the message says why (and whose it is)."""
+
+
+class PidFile:
+    """Create, lock and fill a pidfile; ``release`` removes it while still ours."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self._fd: int | None = None
+
+    def acquire(self, pid: int | None = None) -> None:
+        """Lock the file and write ``pid`` (default: this process) into it."""
+        for _attempt in range(10):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise PidFileError(f"cannot open pidfile {self.path}: {e.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_pid(fd)
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    who = f"pid {holder}" if holder else "another process"
+                    raise PidFileError(f"another mpxd is running ({who} holds "
+                                       f"the pidfile {self.path})") from None
+                raise PidFileError(f"cannot lock pidfile {self.path}: {e.strerror}") from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)          # the file we locked was unlinked meanwhile: retry
+        else:
+            raise PidFileError(f"cannot lock pidfile {self.path}: it keeps being replaced")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{pid if pid is not None else os.getpid()}\n".encode())
+        os.fsync(fd)
+        self._fd = fd
+
+    def rewrite(self, pid: int) -> None:
+        """Write another pid into the file we hold (after ``--daemon`` forked)."""
+        if self._fd is None:
+            raise RuntimeError("pidfile not acquired")
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{pid}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Remove the file if it is still the one we hold locked, then unlock."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if _same_file(fd, self.path):
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    there = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None

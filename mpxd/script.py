@@ -1,0 +1,128 @@
+"""Load and validate a user's handler script.
+
+The script is a plain Python file given by path.  It is compiled from its
+source text (never from a cached ``.pyc``: a script rewritten within the same
+second must reload as written), executed once as a module under a private
+name, and checked for what it must define.  Its directory is put on
+``sys.path`` so it can import helpers that live beside it.
+
+Every failure becomes a ``ScriptError`` whose message names the file and the
+cause in one line; the CLI prints it and exits 1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import traceback
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = ["ScriptError", "Handlers", "load_script"]
+
+_load_counter = itertools.count(1)
+
+
+class ScriptError(Exception):
+    """The handler script cannot be used; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class Handlers:
+    """The callables mpxd uses from one loaded version of a script."""
+
+    path: str
+    module: types.ModuleType
+    handle_request: Callable[[Any], Any]
+    handle_open: Callable[[Any], Any] | None
+    handle_close: Callable[[Any], Any] | None
+    on_start: Callable[[Any], Any] | None
+    on_stop: Callable[[Any], Any] | None
+    on_reload: Callable[[Any], Any] | None
+
+
+def _optional(module: types.ModuleType, path: str, name: str) -> Callable | None:
+    value = getattr(module, name, None)
+    if value is not None and not callable(value):
+        raise ScriptError(f"{path}: {name} is defined but not callable "
+                          f"(it is a {type(value).__name__})")
+    return value
+
+
+def _describe_exception(path: str, exc: BaseException) -> str:
+    """One line naming where in the script an exception at import came from."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if os.path.abspath(f.filename) == path]
+    where = f" (line {frames[-1].lineno})" if frames else ""
+    return f"{path}: exception at import{where}: {type(exc).__name__}: {exc}"
+
+
+def load_script(path: str) -> Handlers:
+    """Compile, execute and validate the script at ``path``.
+
+    Raises ``ScriptError`` with a one-line message for a missing or
+    unreadable file, a syntax error (with its line number), an exception
+    while the module runs, or a missing or non-callable ``handle_request``.
+    """
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            source = f.read()
+    except FileNotFoundError:
+        raise ScriptError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ScriptError(f"{path}: is a directory, not a Python file") from None
+    except OSError as e:
+        raise ScriptError(f"{path}: cannot read: {e.strerror}") from None
+
+    try:
+        code = compile(source, path, "exec", dont_inherit=True)
+    except SyntaxError as e:
+        raise ScriptError(f"{path}: syntax error at line {e.lineno}: {e.msg}") from None
+    except ValueError as e:  # e.g. source with NUL bytes
+        raise ScriptError(f"{path}: cannot compile: {e}") from None
+
+    # A private, unique name: reloads and several scripts never collide, and
+    # nothing the user imports can shadow it.
+    name = f"_mpxd_script_{next(_load_counter)}"
+    module = types.ModuleType(name)
+    module.__file__ = path
+    directory = os.path.dirname(path)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    sys.modules[name] = module
+    try:
+        exec(code, module.__dict__)
+    except SystemExit as e:
+        sys.modules.pop(name, None)
+        raise ScriptError(f"{path}: called exit({e.code}) at import") from None
+    except BaseException as e:  # noqa: BLE001 - any failure is the script's
+        sys.modules.pop(name, None)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise ScriptError(_describe_exception(path, e)) from None
+
+    handle_request = getattr(module, "handle_request", None)
+    if handle_request is None:
+        sys.modules.pop(name, None)
+        raise ScriptError(f"{path}: does not define handle_request(s)")
+    if not callable(handle_request):
+        sys.modules.pop(name, None)
+        raise ScriptError(f"{path}: handle_request is not callable "
+                          f"(it is a {type(handle_request).__name__})")
+    try:
+        return Handlers(
+            path=path,
+            module=module,
+            handle_request=handle_request,
+            handle_open=_optional(module, path, "handle_open"),
+            handle_close=_optional(module, path, "handle_close"),
+            on_start=_optional(module, path, "on_start"),
+            on_stop=_optional(module, path, "on_stop"),
+            on_reload=_optional(module, path, "on_reload"),
+        )
+    except ScriptError:
+        sys.modules.pop(name, None)
+        raise

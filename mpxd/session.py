@@ -1,0 +1,117 @@
+"""The session object that handler scripts see, and the functions on it.
+
+A ``Session`` is one accepted connection.  The public attributes are the ones
+in SPEC section 2; everything starting with ``_`` belongs to the server core
+(``mpxd.core``) and the I/O edge that drives it (``mpxd.loop`` or the test
+kit's fake edge).  Sessions are slotted: ten thousand idle connections must
+stay cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover - imported for type hints only
+    from .core import Core
+    from .framing import LineFramer
+
+__all__ = ["Session", "send_response", "close_session"]
+
+
+class Session:
+    """One client connection, as handed to ``handle_request`` and friends.
+
+    Attributes handlers use:
+
+    ``handle``    ``None`` at first; free for the handler's per-session state.
+    ``request``   the current input line, terminator removed.
+    ``response``  ``""`` when ``handle_request`` is called; sent on return.
+    ``peer``      ``(host, port)`` of the client.
+    ``id``        a number unique within this run of the daemon.
+    ``closed``    true once ``close_session`` was called or the peer left.
+    """
+
+    __slots__ = (
+        "handle", "request", "response", "peer", "id", "closed",
+        # core bookkeeping
+        "_core", "_framer", "_batch", "_out", "_out_size", "_held",
+        "_paused", "_eof", "_closing", "_abort", "_reason", "_finished",
+        "_started", "_last_input", "_idle_timeout", "_idle_timer",
+        "_requests", "_bytes_in", "_bytes_out",
+        # I/O edge bookkeeping
+        "_fd", "_sock", "_wbuf", "_woff", "_mask",
+    )
+
+    def __init__(self, core: Core, session_id: int, peer: Any,
+                 framer: LineFramer, now: float) -> None:
+        self.handle: Any = None
+        self.request: str = ""
+        self.response: str = ""
+        self.peer = peer
+        self.id = session_id
+        self.closed = False
+        self._core = core
+        self._framer = framer
+        self._batch: list[str] | None = None   # responses of the lines being handled
+        self._out: list[bytes] | None = None   # encoded output not yet handed to the edge
+        self._out_size = 0                     # bytes queued, in _out and in the edge
+        self._held: list[str] | None = None    # lines read but held back (backpressure)
+        self._paused = False                   # reading stopped until output drains
+        self._eof = False                      # the peer sent EOF
+        self._closing = False                  # close once output is written
+        self._abort = False                    # close now, drop output
+        self._reason = ""                      # why it ends: eof, reset, timeout, ...
+        self._finished = False                 # handle_close has run
+        self._started = now
+        self._last_input = now
+        self._idle_timeout: float | None = None
+        self._idle_timer: Any = None
+        self._requests = 0
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self._fd = -1
+        self._sock: Any = None
+        self._wbuf: bytes | None = None
+        self._woff = 0
+        self._mask = 0
+
+    def send_response(self) -> bool:
+        """Send what ``self.response`` holds now and empty it (see ``send_response``)."""
+        return send_response(self)
+
+    def close(self) -> None:
+        """End this session once its queued output is written (see ``close_session``)."""
+        close_session(self)
+
+    def set_idle_timeout(self, seconds: float | None) -> None:
+        """Close this session after ``seconds`` without input; ``None`` turns it off."""
+        self._core.set_idle_timeout(self, seconds)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Session {self.id} {self.peer!r} {state}>"
+
+
+def send_response(s: Session) -> bool:
+    """Send what ``s.response`` holds now, then empty it.
+
+    Callable at any time from the loop's thread: from this session's handler,
+    from another session's handler (broadcast), from a timer.  Never blocks.
+    Returns ``False`` (and sends nothing) when the session is already gone.
+    """
+    text = s.response
+    s.response = ""
+    if s.closed:
+        return False
+    if text:
+        s._core.enqueue(s, text)
+    return True
+
+
+def close_session(s: Session) -> None:
+    """Stop processing input of ``s``; write what is queued, then close it.
+
+    Lines already received but not yet handled are dropped.  ``handle_close``
+    runs once the connection is closed.
+    """
+    s._core.request_close(s, "close_session")

@@ -1,0 +1,75 @@
+"""Signals and cross-thread wake-ups, delivered to the poll loop as readiness.
+
+A Python signal handler that only sets a flag does not wake ``poll()`` (PEP
+475 retries the call), so the handlers here only record the signal number and
+``signal.set_wakeup_fd`` makes the C-level handler write a byte to one end of
+a non-blocking socketpair.  The other end sits in the poll set; when it turns
+readable the loop drains it and dispatches each recorded signal.  Worker
+threads use the same socketpair (``wake``) to hand results to the loop.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+
+__all__ = ["Wakeup", "HANDLED_SIGNALS"]
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+class Wakeup:
+    """A socketpair that signals and threads write to and the loop reads."""
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+        self.pending: list[int] = []
+        self._previous: dict[int, object] = {}
+        self._previous_fd: int | None = None
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def install(self, signals: tuple[int, ...] = HANDLED_SIGNALS) -> None:
+        """Route ``signals`` to this wakeup (main thread only)."""
+        self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(),
+                                                 warn_on_full_buffer=False)
+        for signum in signals:
+            self._previous[signum] = signal.signal(signum, self._record)
+
+    def uninstall(self) -> None:
+        """Give the signals back to the handlers they had before ``install``."""
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)  # type: ignore[arg-type]
+        self._previous.clear()
+        if self._previous_fd is not None:
+            signal.set_wakeup_fd(self._previous_fd)
+            self._previous_fd = None
+
+    def _record(self, signum: int, frame: object) -> None:
+        # NO LOGGING, no work: just queue the signal for the loop.
+        self.pending.append(signum)
+
+    def wake(self) -> None:
+        """Make the loop's poll return soon; callable from any thread."""
+        try:
+            self._writer.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a full pipe already guarantees a wake-up
+
+    def drain(self) -> list[int]:
+        """Empty the socketpair; return (and forget) the recorded signals."""
+        try:
+            while self._reader.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        pending, self.pending = self.pending, []
+        return pending
+
+    def close(self) -> None:
+        self.uninstall()
+        self._reader.close()
+        self._writer.close()

@@ -1,0 +1,95 @@
+"""One heap of timers for everything that happens later.
+
+``call_later``/``call_every`` from handler scripts, idle timeouts and the
+drain deadline all live here.  The loop asks ``next_deadline()`` for its poll
+timeout and calls ``run_due(now)``; the test kit does the same with a fake
+clock.  Cancelled timers stay in the heap until they reach the top (lazy
+deletion): cancelling is O(1) and the heap never needs re-sorting.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Any, Callable
+
+__all__ = ["Timer", "TimerHeap"]
+
+
+class Timer:
+    """A scheduled call; ``cancel()`` stops it (and every later repetition)."""
+
+    __slots__ = ("when", "interval", "callback", "args", "cancelled", "_seq")
+
+    def __init__(self, when: float, callback: Callable[..., Any], args: tuple,
+                 interval: float | None, seq: int) -> None:
+        self.when = when
+        self.interval = interval
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+        self._seq = seq
+
+    def cancel(self) -> None:
+        """Stop this timer; harmless if it already ran or was cancelled."""
+        self.cancelled = True
+
+    def __lt__(self, other: Timer) -> bool:
+        return (self.when, self._seq) < (other.when, other._seq)
+
+    def __repr__(self) -> str:
+        name = getattr(self.callback, "__qualname__", repr(self.callback))
+        every = f" every {self.interval}s" if self.interval else ""
+        state = " cancelled" if self.cancelled else ""
+        return f"<Timer {name} at {self.when:.3f}{every}{state}>"
+
+
+class TimerHeap:
+    """Timers ordered by due time; runs due ones through ``run``."""
+
+    def __init__(self) -> None:
+        self._heap: list[Timer] = []
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, when: float, callback: Callable[..., Any], args: tuple = (),
+            interval: float | None = None) -> Timer:
+        timer = Timer(when, callback, args, interval, next(self._seq))
+        heapq.heappush(self._heap, timer)
+        return timer
+
+    def next_deadline(self) -> float | None:
+        """When the earliest live timer is due, or ``None`` without timers."""
+        heap = self._heap
+        while heap and heap[0].cancelled:
+            heapq.heappop(heap)
+        return heap[0].when if heap else None
+
+    def run_due(self, now: float, run: Callable[[Timer], None]) -> None:
+        """Pop every timer due at ``now`` and pass it to ``run``.
+
+        Repeating timers are pushed back before they run, so a callback may
+        cancel its own timer.  Timers added by callbacks for ``now`` or
+        earlier wait for the next pass: a timer that re-adds itself with no
+        delay cannot starve the loop.
+        """
+        heap = self._heap
+        due = []
+        while heap and heap[0].when <= now:
+            timer = heapq.heappop(heap)
+            if timer.cancelled:
+                continue
+            if timer.interval is not None:
+                # Keep to the original schedule; after a stall longer than
+                # one interval, skip the missed runs instead of bunching them.
+                timer.when += timer.interval
+                if timer.when <= now:
+                    timer.when = now + timer.interval
+                timer._seq = next(self._seq)
+                heapq.heappush(heap, timer)
+            due.append(timer)
+        for timer in due:
+            if not timer.cancelled:
+                run(timer)
