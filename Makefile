@@ -1,0 +1,59 @@
+# mpxd: the commands a newcomer needs.  Everything runs from .venv, which
+# `make install` creates; nothing is installed by hand.
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PORT    ?= 47110
+SCRIPT  ?= handlers/counter.py
+
+.PHONY: install run test test-unit test-shell netcat lint man bench soak clean
+
+$(BIN)/mpxd: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+install: $(BIN)/mpxd  ## create .venv and install mpxd with its test tools
+
+run: install  ## serve the example counter on port $(PORT)
+	$(BIN)/mpxd --port $(PORT) $(SCRIPT)
+
+# netcat-openbsd for the shell tests: installed when missing and we are root.
+netcat:
+	@if ! command -v nc >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing netcat-openbsd"; \
+	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq netcat-openbsd >/dev/null; \
+	  else \
+	    echo "the shell tests need netcat: run 'sudo apt-get install netcat-openbsd'" >&2; exit 1; \
+	  fi; \
+	fi
+
+test: install netcat  ## every test: unit, pexpect and shell
+	$(BIN)/python -m pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" tests/shell/run_all.sh
+
+test-unit: install
+	$(BIN)/python -m pytest -q
+
+test-shell: install netcat
+	PATH="$(CURDIR)/$(BIN):$$PATH" tests/shell/run_all.sh
+
+lint: install
+	$(BIN)/python -m compileall -q mpxd handlers tests bench
+	@if [ -x $(BIN)/ruff ]; then $(BIN)/ruff check mpxd handlers tests; \
+	 else echo "ruff not installed ($(BIN)/pip install ruff); compiled only"; fi
+
+man:  ## render the man page to check it
+	MANWIDTH=80 man --warnings -l man/mpxd.1 | cat
+
+bench: install  ## mpxd against asyncio and uvloop servers (a few minutes)
+	$(BIN)/python bench/run.py
+
+soak: install  ## the long robustness test (a few minutes)
+	$(BIN)/python tests/soak.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis bench/out
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
