@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import select
 import signal
 import socket
@@ -137,6 +138,7 @@ class Loop:
         wake_fd = self._wakeup.fileno()
         data_received = core.data_received
         flush = self._flush
+        read = os.read
         while self.running:
             deadline = core.next_deadline()
             if ready:
@@ -157,7 +159,7 @@ class Loop:
                     continue
                 if mask & READABLE and s._mask & IN:
                     try:
-                        data = s._sock.recv(RECV_SIZE)
+                        data = read(fd, RECV_SIZE)
                     except (BlockingIOError, InterruptedError):
                         data = None
                     except OSError as e:
@@ -195,16 +197,27 @@ class Loop:
             self.accepting = False
 
     def _accept(self, listener: socket.socket) -> None:
+        """Accept up to ACCEPT_BATCH waiting clients from ``listener``.
+
+        Connections are kept as bare file descriptors, read and written with
+        ``os.read``/``os.write``: ``socket.accept()`` wraps each one in a
+        Python socket object whose construction (enum conversions, a Python
+        ``__init__``) and close cost more than the system calls themselves
+        under connection churn, and the object costs memory per idle client.
+        ``_accept`` is the C method ``socket.accept`` itself is built on.
+        """
         core = self.core
         conns = self.conns
         register = self.poller.register
+        accept = listener._accept
+        inet = listener.family != socket.AF_UNIX
         for _ in range(ACCEPT_BATCH):
             if len(conns) >= self.max_connections:
                 # New clients wait in the kernel's backlog until room frees.
                 self._stop_accepting()
                 return
             try:
-                sock, addr = listener.accept()
+                fd, addr = accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
@@ -214,11 +227,8 @@ class Loop:
                 log.debug("accept failed: %s", e)    # ECONNABORTED and friends
                 continue
             self._emfile_logged = False
-            sock.setblocking(False)     # TCP_NODELAY is inherited from the listener
-            peer = addr[:2] if sock.family != socket.AF_UNIX else (addr or "unix")
-            s = core.open_session(peer)
-            fd = sock.fileno()
-            s._sock = sock
+            os.set_blocking(fd, False)    # TCP_NODELAY is inherited from the listener
+            s = core.open_session(addr[:2] if inet else (addr or "unix"))
             s._fd = fd
             s._mask = IN
             conns[fd] = s
@@ -243,7 +253,8 @@ class Loop:
         if s._abort:
             self._close(s)
             return
-        sock = s._sock
+        write = os.write
+        fd = s._fd
         while True:
             buf = s._wbuf
             if buf is None:
@@ -255,7 +266,7 @@ class Loop:
                 s._woff = 0
             offset = s._woff
             try:
-                sent = sock.send(memoryview(buf)[offset:] if offset else buf)
+                sent = write(fd, memoryview(buf)[offset:] if offset else buf)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as e:
@@ -309,7 +320,7 @@ class Loop:
                 pass
         s._wbuf = None
         try:
-            s._sock.close()
+            os.close(fd)
         except OSError:
             pass
         self.core.finish(s)
@@ -318,6 +329,14 @@ class Loop:
             self._start_accepting()
 
     # ------------------------------------------------------------ signals
+
+    def install_signals(self) -> None:
+        """Route TERM, INT, HUP and USR1 to this loop (main thread; idempotent).
+
+        The CLI calls this before it announces readiness, so that a signal
+        sent as soon as "listening on" appears is handled, not fatal.
+        """
+        self._wakeup.install()
 
     def _dispatch_signals(self) -> None:
         for signum in self._wakeup.drain():
@@ -337,22 +356,25 @@ class Loop:
     def handle_hup(self) -> None:
         """Reload the script; keep the old one if the new one is broken."""
         path = self.core.handlers.path
+        if self.draining:
+            log.info("not reloading %s: shutting down", path)
+            return
         log.info("reloading %s", path)
         self.notifier.reloading()
         try:
             handlers = load_script(path)
         except ScriptError as e:
             log.error("reload failed, still serving the previous version: %s", e)
-        else:
-            self.core.reload(handlers)
-            log.info("reloaded %s", path)
+            self.notifier.ready(f"reload failed: {e}; {self._status_text()}")
+            return
+        self.core.reload(handlers)
+        log.info("reloaded %s", path)
         self.notifier.ready(self._status_text())
 
     def handle_usr1(self) -> None:
         """Reopen log files (after logrotate moved them)."""
         if self.reopen_logs is not None:
             self.reopen_logs()
-        log.info("log files reopened")
 
     # ------------------------------------------------------------ draining
 
