@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 import click
 
@@ -17,13 +18,15 @@ from . import __version__
 from .config import Config
 from .core import Core
 from .daemonize import Detached, detach
+from .edge import Edge, edge_options, edge_settings
 from .listeners import ListenError, bind_listeners, describe
-from .logs import LEVELS, setup_logging
+from .logs import LEVELS, reopen_log_files, setup_logging
 from .loop import Loop
 from .pidfile import PidFile, PidFileError
 from .privileges import PrivilegeError, drop_privileges
 from .script import ScriptError, load_script
 from .systemd import Notifier, listen_fds
+from .workers import supervise
 
 log = logging.getLogger("mpxd")
 
@@ -74,6 +77,9 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) ->
                    "are closed anyway.")
 @click.option("--threads", type=click.IntRange(1, 256), default=4, show_default=True,
               help="Worker threads for mpxd.run_in_thread.")
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Worker processes sharing the port (SO_REUSEPORT) under a "
+                   "supervising parent; each has its own module globals.")
 @click.option("--pidfile", type=click.Path(dir_okay=False), default=None,
               help="Write the pid here and hold a lock on it; a second instance "
                    "with the same pidfile refuses to start.")
@@ -90,12 +96,14 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) ->
                                            "(default: the user's group).")
 @click.option("--check", is_flag=True,
               help="Only load and validate SCRIPT; exit 0 if it is usable, else 1.")
+@edge_options       # --tls-*, --unix*, --allow, --deny, --max-per-ip, --max-rate, --control
 @click.version_option(__version__, "--version", "-V", prog_name="mpxd")
 def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller: str,
          max_line: int, max_output: int, max_connections: int,
-         idle_timeout: float | None, drain_timeout: float, threads: int,
+         idle_timeout: float | None, drain_timeout: float, threads: int, workers: int,
          pidfile: str | None, log_file: str | None, syslog: bool, log_level: str,
-         daemonize: bool, user: str | None, group: str | None, check: bool) -> None:
+         daemonize: bool, user: str | None, group: str | None, check: bool,
+         **edge: Any) -> None:
     """Serve a line-based TCP protocol from the handler functions in SCRIPT.
 
     SCRIPT is a Python file defining handle_request(s) and optionally
@@ -128,11 +136,17 @@ def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller
         pidfile=os.path.abspath(pidfile) if pidfile else None,
         log_file=os.path.abspath(log_file) if log_file else None,
         log_level=log_level, syslog=syslog, daemon=daemonize, user=user, group=group,
+        **edge_settings(edge),
     )
-    inherited = listen_fds()
-    if port is None and not inherited:
+    try:
+        inherited = listen_fds()
+    except ListenError as e:
+        raise click.ClickException(str(e)) from None
+    if port is None and not inherited and not config.unix:
         raise click.UsageError("no --port given and no sockets passed by systemd "
                                "(LISTEN_FDS); say where to listen, e.g. --port 47110")
+    if workers > 1:
+        sys.exit(supervise(config, inherited, workers))
     sys.exit(run(config, inherited))
 
 
@@ -140,26 +154,33 @@ def run(config: Config, inherited: list) -> int:
     """Start up, serve until stopped, clean up; return the exit status."""
     detached: Detached | None = None
     try:
-        reopenable = setup_logging(config.log_level, config.log_file, config.syslog)
+        reopenable = setup_logging(config.log_level, config.log_file, config.syslog,
+                                   redirect_stdio=config.daemon)
     except OSError as e:
         click.echo(f"Error: cannot open log file {config.log_file}: {e.strerror}", err=True)
         return 1
     if config.daemon:
         if not config.log_file and not config.syslog:
             log.warning("--daemon without --log-file or --syslog: log lines are discarded")
-        detached = detach()
+        detached = detach(reopenable[0].stream.fileno() if reopenable else None)
     pidfile = PidFile(config.pidfile) if config.pidfile else None
     listeners: list = []
+    edge: Edge | None = None
     try:
         if pidfile is not None:
             pidfile.acquire()
-        listeners = inherited or bind_listeners(config.hosts, config.port or 0,
-                                                config.backlog)
+        listeners = inherited or (bind_listeners(config.hosts, config.port or 0,
+                                                 config.backlog)
+                                  if config.port is not None or not config.unix else [])
+        edge = Edge.open(config)    # TLS files, unix and control sockets: still privileged
+        listeners = listeners + edge.sockets
         drop_privileges(config.user, config.group)
         handlers = load_script(config.script)
     except (PidFileError, ListenError, PrivilegeError, ScriptError) as e:
         for sock in listeners:
             sock.close()
+        if edge is not None:
+            edge.close()
         if pidfile is not None:
             pidfile.release()
         if detached is not None:
@@ -170,17 +191,23 @@ def run(config: Config, inherited: list) -> int:
         return 1
 
     notifier = Notifier.from_environment()
-    core = Core(handlers, config)
-    loop = Loop(core, config, listeners, notifier,
-                reopen_logs=lambda: [h.reopen() for h in reopenable])
-    for sock in listeners:
-        log.info("listening on %s", describe(sock))
-    notifier.ready(f"listening on {', '.join(describe(s) for s in listeners)}")
-    if detached is not None:
-        detached.ready()
     try:
+        core = Core(handlers, config)
+        loop = Loop(core, config, listeners, notifier,
+                    reopen_logs=lambda: reopen_log_files(reopenable))
+        loop.install_signals()      # before "listening": a TERM from then on drains
+        edge.install(loop)
+        if inherited and config.port is not None:
+            log.warning("--port %d ignored: serving the sockets systemd passed "
+                        "(LISTEN_FDS)", config.port)
+        for sock in listeners:
+            log.info("listening on %s", describe(sock))
+        notifier.ready(f"listening on {', '.join(describe(s) for s in listeners)}")
+        if detached is not None:
+            detached.ready()
         loop.run()
     finally:
+        edge.close()
         if pidfile is not None:
             pidfile.release()
         notifier.close()

@@ -39,3 +39,15 @@ class Config:
     daemon: bool = False
     user: str | None = None
     group: str | None = None
+    # the network edge (mpxd.edge): TLS, unix sockets, access, control
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_handshake_timeout: float = 10.0
+    unix: tuple[str, ...] = ()
+    unix_mode: int = 0o660
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    max_per_ip: int = 0               # 0: no limit
+    max_rate: float = 0.0             # request lines per second per session; 0: none
+    control: str | None = None

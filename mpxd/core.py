@@ -20,7 +20,6 @@ import logging
 import time
 import traceback
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 from .config import Config
@@ -28,6 +27,7 @@ from .framing import LineFramer
 from .logs import log_fast
 from .script import Handlers
 from .session import Session
+from .threads import DaemonThreadPool
 from .timers import Timer, TimerHeap
 
 __all__ = ["Core", "current_core"]
@@ -49,7 +49,7 @@ def current_core() -> Core:
 
 def format_peer(peer: Any) -> str:
     """``host:port``, ``[v6]:port``, or the peer as given (unix sockets)."""
-    if isinstance(peer, tuple) and len(peer) >= 2:
+    if isinstance(peer, tuple) and len(peer) == 2:
         host, port = peer[0], peer[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(peer)
@@ -70,7 +70,8 @@ class Core:
         self.errors: list[tuple[str, Session | None, BaseException]] | None = None
         self.wake: Callable[[], None] = lambda: None   # set by the edge
         self._ready: deque[tuple[Callable[..., Any], tuple]] = deque()
-        self._executor: ThreadPoolExecutor | None = None
+        self._handling: Session | None = None   # whose handler runs (for run_in_thread)
+        self._executor: DaemonThreadPool | None = None
         self._next_id = 1
         self._eol = config.eol
         self._eol_bytes = config.eol.encode()
@@ -110,36 +111,44 @@ class Core:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
-    def reload(self, handlers: Handlers) -> None:
+    def reload(self, handlers: Handlers) -> bool:
         """Swap in a newly loaded, already validated version of the script.
 
         Open sessions stay and keep their ``handle``; the new module's
-        ``on_reload(old_module)`` runs first so it can carry state over.
+        ``on_reload(old_module)`` runs first so it can carry state over.  If
+        it raises, the state did not come over: the old version keeps
+        serving and ``False`` is returned.
         """
         global _current
         _current = self
         old = self.handlers
-        if handlers.on_reload is not None:
-            self._call_user(handlers.on_reload, None, "on_reload", old.module)
+        if handlers.on_reload is not None and not self._call_user(
+                handlers.on_reload, None, "on_reload", old.module):
+            return False
         self._install(handlers)
         self.reloads += 1
+        return True
 
     # ------------------------------------------------------ edge -> core
 
-    def open_session(self, peer: Any) -> Session:
+    def open_session(self, peer: Any, tls_peer: str | None = None) -> Session:
         """A connection was accepted: make its session and greet it."""
         global _current
         _current = self
         session_id = self._next_id
         self._next_id = session_id + 1
         s = Session(self, session_id, peer, LineFramer(self._max_line), self.now)
+        if tls_peer is not None:
+            s.tls_peer = tls_peer       # before handle_open, which may look at it
         self.sessions_by_id[session_id] = s
         self.connections_total += 1
         if self.config.idle_timeout:
             self.set_idle_timeout(s, self.config.idle_timeout)
         if self._handle_open is not None:
             s._batch = batch = []
+            self._handling = s
             ok = self._call_user(self._handle_open, s, "handle_open", s)
+            self._handling = None
             s._batch = None
             if ok and s.response:
                 batch.append(s.response)
@@ -153,6 +162,10 @@ class Core:
     def data_received(self, s: Session, data: bytes) -> None:
         """Bytes arrived for ``s``: frame them and handle every complete line."""
         s._bytes_in += len(data)
+        if s._closing:
+            # close_session (perhaps from another session or a timer earlier
+            # in this pass) means no further input of s is processed.
+            return
         s._last_input = self.now
         framer = s._framer
         lines = framer.feed(data)
@@ -173,7 +186,7 @@ class Core:
                 s._held.extend(lines)
             else:
                 self._handle_lines(s, lines)
-        if s._held is None:
+        if s._held is None and not s._jobs:
             self.request_close(s, "eof")
 
     def connection_lost(self, s: Session, reason: str) -> None:
@@ -188,7 +201,7 @@ class Core:
         held, s._held = s._held, None
         if held:
             self._handle_lines(s, held)
-        if s._eof and s._held is None:
+        if s._eof and s._held is None and not s._jobs:
             self.request_close(s, "eof")
         self.dirty.append(s)
 
@@ -229,6 +242,7 @@ class Core:
         batch: list[str] = []
         append = batch.append
         s._batch = batch
+        self._handling = s
         room = self._high_water - s._out_size
         size = 0
         handled = len(lines)
@@ -255,6 +269,7 @@ class Core:
                 handled = index + 1
                 break
         s._batch = None
+        self._handling = None
         s._requests += handled
         self.requests_total += handled
         if batch:
@@ -421,22 +436,49 @@ class Core:
     def run_in_thread(self, fn: Callable[..., Any], *args: Any,
                       then: Callable[[Any], Any] | None = None) -> None:
         """Run ``fn(*args)`` in the worker pool; ``then(result or exception)``
-        runs on the loop thread afterwards."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                max_workers=self.config.threads, thread_name_prefix="mpxd-worker")
-        future = self._executor.submit(fn, *args)
-        if then is not None:
-            future.add_done_callback(
-                lambda f: self.call_soon_threadsafe(self._deliver, f, then))
+        runs on the loop thread afterwards.
 
-    @staticmethod
-    def _deliver(future: Any, then: Callable[[Any], Any]) -> None:
+        Work started by a session's handler (or by a ``then`` of its work)
+        holds that session open after the peer's EOF until it is delivered,
+        so ``then`` can still answer a client that half-closed.
+        """
+        if self._executor is None:
+            # Daemon threads: a job that never returns must not keep a
+            # stopped daemon from exiting (ThreadPoolExecutor's threads are
+            # joined at interpreter exit).
+            self._executor = DaemonThreadPool(
+                max_workers=self.config.threads, thread_name_prefix="mpxd-worker")
+        owner = self._handling
+        future = self._executor.submit(fn, *args)
+        if owner is not None:
+            owner._jobs += 1
+        future.add_done_callback(
+            lambda f: self.call_soon_threadsafe(self._deliver, f, then, fn, owner))
+
+    def _deliver(self, future: Any, then: Callable[[Any], Any] | None,
+                 fn: Callable[..., Any], owner: Session | None) -> None:
+        """On the loop thread: hand a finished job's result to ``then``."""
+        if owner is not None:
+            owner._jobs -= 1
+        previous, self._handling = self._handling, owner
         try:
-            result = future.result()
-        except BaseException as e:  # noqa: BLE001 - handed to the callback
-            result = e
-        then(result)
+            if future.cancelled():
+                return
+            exc = future.exception()
+            if then is not None:
+                then(future.result() if exc is None else exc)
+            elif exc is not None:       # nobody to hand it to: log it like a handler's
+                self.errors_total += 1
+                log.error("run_in_thread %s failed:\n%s",
+                          getattr(fn, "__qualname__", repr(fn)),
+                          "".join(traceback.format_exception(exc)).rstrip())
+                if self.errors is not None:
+                    self.errors.append(("run_in_thread", None, exc))
+        finally:
+            self._handling = previous
+            if owner is not None and owner._eof and not owner._jobs and \
+                    owner._held is None:
+                self.request_close(owner, "eof")     # no-op if already closing
 
     def run_ready(self) -> None:
         """Run the callbacks queued by ``call_soon_threadsafe``."""

@@ -22,9 +22,11 @@ class Detached:
         self._fd: int | None = fd
 
     def ready(self) -> None:
+        """Tell the waiting command that the daemon listens: it exits 0."""
         self._report("ok")
 
     def failed(self, message: str) -> None:
+        """Tell the waiting command why start-up failed: it prints that, exits 1."""
         self._report("error " + message)
 
     def _report(self, text: str) -> None:
@@ -33,19 +35,27 @@ class Detached:
             return
         try:
             os.write(fd, text.encode("utf-8", "replace"))
+        except OSError:
+            pass        # the command was killed meanwhile; the daemon carries on
         finally:
             os.close(fd)
 
 
-def detach(keep_stderr: bool = False) -> Detached:
+def detach(stdio_fd: int | None = None) -> Detached:
     """Fork into the background; only the daemon returns from this call.
 
     The original process waits for the daemon's report and exits with 0
-    (it listens) or 1 (its error message printed to stderr).
+    (it listens) or 1 (its error message printed to stderr).  The daemon
+    runs in a new session, in ``/``, with stdin on ``/dev/null`` and stdout
+    and stderr on ``stdio_fd`` (the log file) or ``/dev/null``.
     """
+    sys.stdout.flush()
+    sys.stderr.flush()
     read_fd, write_fd = os.pipe()
-    if os.fork() > 0:                       # the command the operator ran
+    child = os.fork()
+    if child > 0:                           # the command the operator ran
         os.close(write_fd)
+        os.waitpid(child, 0)                # the session leader exits at once
         chunks = []
         while chunk := os.read(read_fd, 4096):
             chunks.append(chunk)
@@ -65,8 +75,7 @@ def detach(keep_stderr: bool = False) -> Detached:
     os.umask(0o022)
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
-    os.dup2(null, 1)
-    if not keep_stderr:
-        os.dup2(null, 2)
+    for stdio in (1, 2):
+        os.dup2(null if stdio_fd is None else stdio_fd, stdio)
     os.close(null)
     return Detached(write_fd)

@@ -28,7 +28,8 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _bind_one(host: str, port: int, backlog: int) -> socket.socket:
+def _bind_one(host: str, port: int, backlog: int, reuse_port: bool = False,
+              listen: bool = True) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
@@ -38,11 +39,16 @@ def _bind_one(host: str, port: int, backlog: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            # --workers: each worker listens on its own socket bound to the
+            # same port; the kernel spreads new connections across them.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # "::" must not swallow IPv4, so that 0.0.0.0 and :: can both be used.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
         sock.setblocking(False)
     except OSError as e:
         sock.close()
@@ -54,19 +60,24 @@ def _bind_one(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-def bind_listeners(hosts: tuple[str, ...], port: int, backlog: int) -> list[socket.socket]:
+def bind_listeners(hosts: tuple[str, ...], port: int, backlog: int,
+                   reuse_port: bool = False, listen: bool = True) -> list[socket.socket]:
     """Listen on ``port`` at every host; port 0 picks one free port for all.
 
     The default pair 127.0.0.1 and ::1 tolerates a machine without IPv6: ::1
     is skipped when the kernel has no IPv6 loopback.  A host the user named
     explicitly must work, or start-up fails.
+
+    ``reuse_port`` sets ``SO_REUSEPORT`` (``--workers``); ``listen=False``
+    only binds: the supervisor holds the port that way without ever being
+    handed a connection.
     """
     sockets: list[socket.socket] = []
     optional = tuple(hosts) == DEFAULT_HOSTS
     try:
         for host in hosts:
             try:
-                sock = _bind_one(host, port, backlog)
+                sock = _bind_one(host, port, backlog, reuse_port, listen)
             except ListenError:
                 if optional and host == "::1" and not socket.has_ipv6:
                     continue

@@ -17,10 +17,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource     # at the top: after --user the stdlib may be unreadable
 import select
 import signal
 import socket
-from typing import Callable
+from typing import Any, Callable
 
 from .config import Config
 from .core import Core, format_peer
@@ -104,6 +105,13 @@ class Loop:
         self._emfile_logged = False
         self._wakeup = Wakeup()
         core.wake = self._wakeup.wake
+        # Edge features (mpxd.edge), empty unless TLS, unix sockets, access
+        # rules, rate limits or --control are used: per-listener hooks that
+        # take over accepted connections, callbacks for descriptors that are
+        # not sessions (TLS handshakes, the control channel), HUP extras.
+        self.admission: dict[int, Callable[[int, Any], None]] = {}
+        self.watchers: dict[int, Callable[[int], None]] = {}
+        self.reload_hooks: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------ running
 
@@ -156,6 +164,8 @@ class Loop:
                         self._dispatch_signals()
                     elif fd in self.listeners:
                         self._accept(self.listeners[fd])
+                    elif fd in self.watchers:
+                        self.watchers[fd](mask)
                     continue
                 if mask & READABLE and s._mask & IN:
                     try:
@@ -211,6 +221,7 @@ class Loop:
         register = self.poller.register
         accept = listener._accept
         inet = listener.family != socket.AF_UNIX
+        admit = self.admission.get(listener.fileno())     # None: plain TCP
         for _ in range(ACCEPT_BATCH):
             if len(conns) >= self.max_connections:
                 # New clients wait in the kernel's backlog until room frees.
@@ -228,6 +239,9 @@ class Loop:
                 continue
             self._emfile_logged = False
             os.set_blocking(fd, False)    # TCP_NODELAY is inherited from the listener
+            if admit is not None:         # TLS, unix credentials, access rules...
+                admit(fd, addr)           # refuses, or calls self.adopt (maybe later)
+                continue
             s = core.open_session(addr[:2] if inet else (addr or "unix"))
             s._fd = fd
             s._mask = IN
@@ -253,7 +267,7 @@ class Loop:
         if s._abort:
             self._close(s)
             return
-        write = os.write
+        write = s._write        # os.write, or a TLS session's encrypting writer
         fd = s._fd
         while True:
             buf = s._wbuf
@@ -284,7 +298,7 @@ class Loop:
             if s._wbuf is None:
                 self._close(s)
                 return
-        elif s._paused and s._out_size <= self.config.low_water:
+        elif s._paused and s._out_size <= self.config.low_water and not s._throttled:
             self.core.output_drained(s)     # reads again; s is dirty again
             return
         want = 0 if (s._paused or s._closing) else IN
@@ -361,13 +375,19 @@ class Loop:
             return
         log.info("reloading %s", path)
         self.notifier.reloading()
+        for hook in self.reload_hooks:      # TLS certificates
+            hook()
         try:
             handlers = load_script(path)
         except ScriptError as e:
             log.error("reload failed, still serving the previous version: %s", e)
             self.notifier.ready(f"reload failed: {e}; {self._status_text()}")
             return
-        self.core.reload(handlers)
+        if not self.core.reload(handlers):
+            log.error("reload failed, still serving the previous version: "
+                      "on_reload raised (traceback above)")
+            self.notifier.ready(f"reload failed: on_reload raised; {self._status_text()}")
+            return
         log.info("reloaded %s", path)
         self.notifier.ready(self._status_text())
 
@@ -375,6 +395,51 @@ class Loop:
         """Reopen log files (after logrotate moved them)."""
         if self.reopen_logs is not None:
             self.reopen_logs()
+
+    # ------------------------------------------------------ edge features
+
+    def adopt(self, fd: int, peer: Any, tls_peer: str | None = None) -> Session:
+        """Serve accepted ``fd`` as a session (for admission hooks, see mpxd.edge)."""
+        s = self.core.open_session(peer, tls_peer=tls_peer)
+        s._fd = fd
+        s._mask = IN
+        self.conns[fd] = s
+        self.poller.register(fd, IN)
+        return s
+
+    def watch(self, fd: int, mask: int, callback: Callable[[int], None]) -> None:
+        """Poll ``fd``, which is not a session, for ``mask``; events go to ``callback(mask)``."""
+        self.watchers[fd] = callback
+        self.poller.register(fd, mask)
+
+    def rewatch(self, fd: int, mask: int) -> None:
+        """Poll a watched ``fd`` for ``mask`` from now on."""
+        self.poller.modify(fd, mask)
+
+    def unwatch(self, fd: int) -> None:
+        """Stop polling a watched ``fd`` (before it is closed or adopted)."""
+        if self.watchers.pop(fd, None) is not None:
+            try:
+                self.poller.unregister(fd)
+            except (OSError, KeyError, ValueError):
+                pass
+
+    def soft_drain(self) -> None:
+        """Stop accepting for good; exit once the open sessions have ended on their own.
+
+        ``mpxctl drain``.  Unlike ``begin_drain`` (TERM) nothing is closed
+        and there is no deadline; a TERM during it closes what is left at once.
+        """
+        if self.draining:
+            return
+        log.info("draining: accepting no more connections; %d sessions open, "
+                 "exiting after the last one", len(self.conns))
+        self.notifier.stopping()
+        self._stop_accepting()
+        self.draining = True
+        for sock in self.listeners.values():
+            sock.close()
+        self.listeners.clear()
 
     # ------------------------------------------------------------ draining
 
@@ -432,7 +497,6 @@ def prepare_listener(sock: socket.socket) -> None:
 
 def default_max_connections() -> int:
     """What RLIMIT_NOFILE allows, less headroom for listeners, logs and threads."""
-    import resource
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 1_000_000

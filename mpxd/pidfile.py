@@ -31,9 +31,13 @@ class PidFile:
         """Lock the file and write ``pid`` (default: this process) into it."""
         for _attempt in range(10):
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                # O_NOFOLLOW: a symlink planted at the path must not make root
+                # truncate some other file.
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                             0o644)
             except OSError as e:
-                raise PidFileError(f"cannot open pidfile {self.path}: {e.strerror}") from None
+                why = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+                raise PidFileError(f"cannot open pidfile {self.path}: {why}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -49,29 +53,37 @@ class PidFile:
             os.close(fd)          # the file we locked was unlinked meanwhile: retry
         else:
             raise PidFileError(f"cannot lock pidfile {self.path}: it keeps being replaced")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{pid if pid is not None else os.getpid()}\n".encode())
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{pid if pid is not None else os.getpid()}\n".encode())
+            os.fsync(fd)
+        except OSError as e:
+            os.close(fd)
+            raise PidFileError(f"cannot write pidfile {self.path}: {e.strerror}") from None
         self._fd = fd
 
-    def rewrite(self, pid: int) -> None:
-        """Write another pid into the file we hold (after ``--daemon`` forked)."""
-        if self._fd is None:
-            raise RuntimeError("pidfile not acquired")
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{pid}\n".encode(), 0)
-
     def release(self) -> None:
-        """Remove the file if it is still the one we hold locked, then unlock."""
+        """Remove the file if it is still the one we hold locked, then unlock.
+
+        After ``--user`` dropped root, the pidfile's directory may no longer
+        be writable: then the file is emptied instead (through the descriptor
+        opened before the switch), so that no stale pid is left for
+        ``kill $(cat pidfile)`` to hit.  The next start takes it over anyway,
+        since nobody holds its lock.
+        """
         fd, self._fd = self._fd, None
         if fd is None:
             return
         try:
             if _same_file(fd, self.path):
-                os.unlink(self.path)
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    os.ftruncate(fd, 0)
         except OSError:
             pass
-        os.close(fd)
+        finally:
+            os.close(fd)
 
 
 def _same_file(fd: int, path: str) -> bool:

@@ -14,17 +14,26 @@ class PrivilegeError(Exception):
 
 
 def drop_privileges(user: str | None, group: str | None) -> None:
-    """Become ``user`` (and ``group``, default: the user's primary group)."""
+    """Become ``user`` (and ``group``, default: the user's primary group).
+
+    Sets real, effective and saved ids, so that handler code can never get
+    root back, and the supplementary groups (the user's, or just ``group``).
+    Raises ``PrivilegeError`` for an unknown name or when not running as root.
+    """
     if not user and not group:
         return
     try:
-        entry = pwd.getpwnam(user) if user else None
+        entry = _lookup(pwd.getpwnam, pwd.getpwuid, user) if user else None
     except KeyError:
         raise PrivilegeError(f"unknown user {user!r}") from None
     try:
-        gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid  # type: ignore[union-attr]
+        gid = _lookup(grp.getgrnam, grp.getgrgid, group).gr_gid if group \
+            else entry.pw_gid  # type: ignore[union-attr]
     except KeyError:
         raise PrivilegeError(f"unknown group {group!r}") from None
+    uid = entry.pw_uid if entry is not None else os.getuid()
+    if set(os.getresuid()) == {uid} and set(os.getresgid()) == {gid}:
+        return                  # already that user and group (e.g. started by them)
     try:
         if entry is not None:
             os.initgroups(entry.pw_name, gid)
@@ -39,3 +48,13 @@ def drop_privileges(user: str | None, group: str | None) -> None:
     if entry is not None:
         os.environ["HOME"] = entry.pw_dir
         os.environ["USER"] = os.environ["LOGNAME"] = entry.pw_name
+
+
+def _lookup(by_name, by_id, name: str):
+    """A passwd or group entry by name, or by number when ``name`` is digits."""
+    try:
+        return by_name(name)
+    except KeyError:
+        if name.isdigit():
+            return by_id(int(name))
+        raise

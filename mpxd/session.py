@@ -9,6 +9,7 @@ stay cheap.
 
 from __future__ import annotations
 
+from os import write as _os_write
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - imported for type hints only
@@ -26,20 +27,23 @@ class Session:
     ``handle``    ``None`` at first; free for the handler's per-session state.
     ``request``   the current input line, terminator removed.
     ``response``  ``""`` when ``handle_request`` is called; sent on return.
-    ``peer``      ``(host, port)`` of the client.
+    ``peer``      ``(host, port)`` of the client; on a unix socket
+                  ``(pid, uid, gid)`` of the client process (``mpxd.unix.UnixPeer``).
     ``id``        a number unique within this run of the daemon.
     ``closed``    true once ``close_session`` was called or the peer left.
+    ``tls_peer``  over TLS with ``--tls-ca``: the client certificate's subject
+                  (RFC 4514, ``"CN=alice,O=Example"``); otherwise ``None``.
     """
 
     __slots__ = (
-        "handle", "request", "response", "peer", "id", "closed",
+        "handle", "request", "response", "peer", "id", "closed", "tls_peer",
         # core bookkeeping
         "_core", "_framer", "_batch", "_out", "_out_size", "_held",
         "_paused", "_eof", "_closing", "_abort", "_reason", "_finished",
         "_started", "_last_input", "_idle_timeout", "_idle_timer",
-        "_requests", "_bytes_in", "_bytes_out",
+        "_requests", "_bytes_in", "_bytes_out", "_jobs",
         # I/O edge bookkeeping
-        "_fd", "_sock", "_wbuf", "_woff", "_mask",
+        "_fd", "_sock", "_wbuf", "_woff", "_mask", "_write", "_throttled",
     )
 
     def __init__(self, core: Core, session_id: int, peer: Any,
@@ -50,6 +54,7 @@ class Session:
         self.peer = peer
         self.id = session_id
         self.closed = False
+        self.tls_peer: str | None = None
         self._core = core
         self._framer = framer
         self._batch: list[str] | None = None   # responses of the lines being handled
@@ -69,11 +74,14 @@ class Session:
         self._requests = 0
         self._bytes_in = 0
         self._bytes_out = 0
+        self._jobs = 0                         # run_in_thread jobs not yet delivered
         self._fd = -1
         self._sock: Any = None
         self._wbuf: bytes | None = None
         self._woff = 0
         self._mask = 0
+        self._write = _os_write                # TLS sessions: their channel's writer
+        self._throttled = False                # held back by --max-rate (mpxd.access)
 
     def send_response(self) -> bool:
         """Send what ``self.response`` holds now and empty it (see ``send_response``)."""

@@ -30,10 +30,17 @@ class Wakeup:
         self._previous_fd: int | None = None
 
     def fileno(self) -> int:
+        """The end the loop polls for readability."""
         return self._reader.fileno()
 
+    @property
+    def installed(self) -> bool:
+        return self._previous_fd is not None
+
     def install(self, signals: tuple[int, ...] = HANDLED_SIGNALS) -> None:
-        """Route ``signals`` to this wakeup (main thread only)."""
+        """Route ``signals`` to this wakeup (main thread only; again: no-op)."""
+        if self._previous_fd is not None:
+            return
         self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(),
                                                  warn_on_full_buffer=False)
         for signum in signals:
@@ -70,6 +77,7 @@ class Wakeup:
         return pending
 
     def close(self) -> None:
+        """Uninstall the signal handlers and close both ends."""
         self.uninstall()
         self._reader.close()
         self._writer.close()

@@ -14,6 +14,8 @@ import os
 import socket
 import time
 
+from .listeners import ListenError
+
 __all__ = ["Notifier", "listen_fds", "SD_LISTEN_FDS_START"]
 
 log = logging.getLogger("mpxd")
@@ -41,6 +43,7 @@ class Notifier:
 
     @classmethod
     def from_environment(cls) -> Notifier:
+        """A notifier for ``NOTIFY_SOCKET``; one that does nothing without it."""
         return cls(os.environ.get("NOTIFY_SOCKET"))
 
     @property
@@ -57,9 +60,11 @@ class Notifier:
             log.debug("sd_notify failed: %s", e)
 
     def ready(self, status: str = "") -> None:
+        """Start-up or a reload is complete (``READY=1``)."""
         self.send("READY=1", *([f"STATUS={status}"] if status else []))
 
     def reloading(self) -> None:
+        """A reload begins; ``ready`` must follow."""
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
 
@@ -83,6 +88,8 @@ def listen_fds(unset_environment: bool = True) -> list[socket.socket]:
 
     Empty unless ``LISTEN_PID`` names this process and ``LISTEN_FDS`` is set.
     The variables are removed so that child processes do not inherit them.
+    Raises ``ListenError`` when a passed descriptor is not a listening
+    stream socket (a socket unit with ``Accept=yes`` or ``ListenDatagram=``).
     """
     pid = os.environ.get("LISTEN_PID", "")
     count = os.environ.get("LISTEN_FDS", "")
@@ -91,10 +98,32 @@ def listen_fds(unset_environment: bool = True) -> list[socket.socket]:
             os.environ.pop(name, None)
     if not count.isdigit() or pid != str(os.getpid()):
         return []
-    sockets = []
-    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
-        os.set_inheritable(fd, False)
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
-        sockets.append(sock)
+    sockets: list[socket.socket] = []
+    try:
+        for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
+            sockets.append(_listening_socket(fd))
+    except ListenError:
+        for sock in sockets:
+            sock.close()
+        raise
     return sockets
+
+
+def _listening_socket(fd: int) -> socket.socket:
+    """Wrap passed descriptor ``fd``; check that it is a listening stream socket."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise ListenError(f"LISTEN_FDS: descriptor {fd} is not a socket "
+                          f"({e.strerror})") from None
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:
+        listening = 0
+    if sock.type != socket.SOCK_STREAM or not listening:
+        sock.detach()
+        raise ListenError(f"LISTEN_FDS: descriptor {fd} is not a listening stream "
+                          f"socket (the socket unit needs Accept=no and ListenStream=)")
+    os.set_inheritable(fd, False)
+    sock.setblocking(False)   # a blocking accept would stall the whole loop
+    return sock

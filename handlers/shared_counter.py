@@ -1,0 +1,108 @@
+"""The man page's counter with its ``global`` counter in Redis, shared by every process.
+
+Try it (needs redis-py, ``pip install redis``, and a Redis server):
+    redis-server --port 6379 --save "" --appendonly no &
+    mpxd --port 47110 handlers/shared_counter.py
+    mpxd --port 47111 handlers/shared_counter.py          # a second instance
+    printf '5 global\n' | nc -N localhost 47110           # -> 5
+    printf '2 global\n1\n' | nc -N localhost 47111        # -> 7, then 1
+
+"N" adds N to this connection's own counter, as in handlers/counter.py;
+"N global" adds N to the counter in Redis with the atomic INCRBY and answers
+the new value, so every mpxd instance and every ``--workers`` process counts
+together.  While Redis cannot be reached a global request is answered
+"ERROR redis unavailable: <reason>" (and logged once per outage); the
+connection stays open and the next request tries again.
+
+Where Redis is: the environment variable MPXD_REDIS_URL, default
+redis://127.0.0.1:6379/0; the key: MPXD_REDIS_KEY, default
+mpxd:global_counter.
+
+A Redis call is network I/O, so it runs in a worker thread
+(``mpxd.run_in_thread``); a slow or unreachable Redis never stalls the
+loop.  Answers still go out in request order: each request takes a slot in
+its session's queue and finished slots are sent from the front.
+"""
+
+import logging
+import os
+from collections import deque
+
+from mpxd import run_in_thread, send_response
+
+try:
+    import redis
+except ImportError:
+    raise ImportError("handlers/shared_counter.py needs redis-py: pip install redis") from None
+
+URL = os.environ.get("MPXD_REDIS_URL", "redis://127.0.0.1:6379/0")
+KEY = os.environ.get("MPXD_REDIS_KEY", "mpxd:global_counter")
+TIMEOUT = 2.0       # seconds for connecting and for each command
+
+log = logging.getLogger("mpxd.shared_counter")
+
+# One client per process: redis-py's connection pool is thread-safe.
+client = redis.Redis.from_url(URL, socket_timeout=TIMEOUT,
+                              socket_connect_timeout=TIMEOUT)
+outage = False      # logged the current outage already
+
+
+def on_stop(server):
+    client.close()
+
+
+def _is_int(token):
+    try:
+        int(token)
+    except ValueError:
+        return False
+    return True
+
+
+def handle_request(s):
+    if s.handle is None:
+        s.handle = {"count": 0, "queue": deque()}
+    tokens = s.request.split()
+    if tokens and _is_int(tokens[0]) and len(tokens) == 2 and tokens[1] == "global":
+        slot = [None]
+        s.handle["queue"].append(slot)
+        run_in_thread(client.incrby, KEY, int(tokens[0]),
+                      then=lambda result: _counted(s, slot, result))
+        return
+    value = 0
+    if tokens and _is_int(tokens[0]):
+        s.handle["count"] += int(tokens[0])
+        value = s.handle["count"]
+    s.handle["queue"].append([str(value)])
+    _flush(s)
+
+
+def _counted(s, slot, result):
+    """On the loop thread: INCRBY returned the new value, or failed."""
+    global outage
+    if isinstance(result, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        if not outage:
+            log.warning("redis at %s unavailable: %s", URL, result)
+            outage = True
+        slot[0] = f"ERROR redis unavailable: {result}"
+    elif isinstance(result, BaseException):
+        slot[0] = f"ERROR redis: {result}"
+    else:
+        if outage:
+            log.info("redis at %s reachable again", URL)
+            outage = False
+        slot[0] = str(result)
+    if not s.closed:
+        _flush(s)
+
+
+def _flush(s):
+    """Send the finished answers at the front of ``s``'s queue, in order."""
+    queue = s.handle["queue"]
+    while queue and queue[0][0] is not None:
+        s.response = queue.popleft()[0]
+        send_response(s)
+
+
+def handle_close(s):
+    s.handle = None

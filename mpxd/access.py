@@ -1,0 +1,286 @@
+"""Who may connect, how many at once, and how fast they may send.
+
+* ``--allow CIDR`` / ``--deny CIDR`` (``AccessRules``): the rules are tried
+  from the most specific network to the least specific (longest prefix
+  first; at equal length a deny before an allow) and the first one that
+  matches the client's address decides.  No match: refused if any
+  ``--allow`` was given, accepted otherwise.  So ``--allow 10.0.0.0/8
+  --deny 10.1.0.0/16`` and ``--deny 10.0.0.0/8 --allow 10.1.2.3`` both mean
+  what they say, in whatever order they are written.  IPv4-mapped IPv6
+  addresses (``::ffff:10.1.2.3``) are matched as the IPv4 address.
+* ``--max-per-ip N`` (``AddressLimit``): at most N connections (sessions and
+  TLS handshakes in progress) from one address.
+* A refused connection is closed before any handler runs; ``RefusalLog``
+  logs the first of a burst at once and then one summary line per second
+  while refusals go on, with counts by reason and by address.
+* ``--max-rate LINES_PER_SECOND`` (``RateLimit``): a token bucket per
+  session, holding one second's worth of lines.  A session over its budget
+  has its surplus lines held and its socket taken out of the poll set (the
+  core's pause) until the budget allows them: input is read more slowly,
+  never dropped.
+
+All of it is decided per listener and per session when a connection is
+accepted; sessions of a daemon started without these options never meet
+this module.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .core import Core
+    from .session import Session
+
+__all__ = ["AccessRules", "AddressLimit", "RefusalLog", "Gate", "RateLimit",
+           "ThrottledFramer", "parse_network"]
+
+log = logging.getLogger("mpxd")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+SUMMARY_INTERVAL = 1.0      # seconds between "refused N more" lines during a burst
+RELEASE_INTERVAL = 0.05     # a throttled session gets lines at most this often
+SWEEP_EVERY = 1024          # admissions between sweeps of finished connections
+
+
+def parse_network(text: str) -> Network:
+    """``10.0.0.0/8``, ``::1``, ``192.168.1.7``: a network (a host is a /32 or /128)."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IPv4 or IPv6 address or network "
+                         f"(like 10.0.0.0/8 or 2001:db8::/32)") from None
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    address = ipaddress.ip_address(host.split("%", 1)[0])    # drop an IPv6 zone
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+class AccessRules:
+    """``--allow``/``--deny`` networks, tried most specific first; first match decides."""
+
+    def __init__(self, allow: Iterable[str | Network] = (),
+                 deny: Iterable[str | Network] = ()) -> None:
+        rules: list[tuple[Network, bool]] = []
+        for allowed, texts in ((True, allow), (False, deny)):
+            for text in texts:
+                network = text if not isinstance(text, str) else parse_network(text)
+                rules.append((network, allowed))
+        # Longest prefix first; at equal length deny (False) sorts before allow.
+        rules.sort(key=lambda rule: (-rule[0].prefixlen, rule[1]))
+        self.rules = rules
+        self._by_version = {4: [r for r in rules if r[0].version == 4],
+                            6: [r for r in rules if r[0].version == 6]}
+        self.default = not any(allowed for _net, allowed in rules)
+
+    def allows(self, host: str) -> bool:
+        """Whether a client at ``host`` (an IP address string) may connect."""
+        address = _address(host)
+        for network, allowed in self._by_version[address.version]:
+            if address in network:
+                return allowed
+        return self.default
+
+    def describe(self) -> list[str]:
+        """The rules in the order they are tried, for logs and ``--help`` checks."""
+        lines = [f"{'allow' if allowed else 'deny '} {network}"
+                 for network, allowed in self.rules]
+        lines.append(f"{'allow' if self.default else 'deny '} everything else")
+        return lines
+
+
+class AddressLimit:
+    """``--max-per-ip``: open connections per client address.
+
+    A connection is anything with a ``_finished`` attribute (a session, or
+    a TLS handshake in progress).  Finished ones are dropped lazily, when
+    their address connects again or in a sweep every ``SWEEP_EVERY``
+    admissions, so closing a session costs nothing here.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.by_address: dict[str, list[Any]] = {}
+        self._admitted = 0
+
+    def room(self, host: str) -> bool:
+        """Whether ``host`` has fewer than ``limit`` open connections."""
+        conns = self.by_address.get(host)
+        if not conns:
+            return True
+        if len(conns) >= self.limit:
+            conns[:] = [c for c in conns if not c._finished]
+        return len(conns) < self.limit
+
+    def add(self, host: str, conn: Any) -> None:
+        """Count ``conn`` against ``host`` until it is finished."""
+        self.by_address.setdefault(host, []).append(conn)
+        self._admitted += 1
+        if self._admitted >= SWEEP_EVERY:
+            self._admitted = 0
+            for address, conns in list(self.by_address.items()):
+                conns[:] = [c for c in conns if not c._finished]
+                if not conns:
+                    del self.by_address[address]
+
+
+class RefusalLog:
+    """Log refused connections once per burst, with counts."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.total: Counter[str] = Counter()      # by reason, for the control channel
+        self._reasons: Counter[str] = Counter()   # this summary period
+        self._hosts: Counter[str] = Counter()
+        self._timer: Any = None
+
+    def refused(self, host: str, reason: str) -> None:
+        self.total[reason] += 1
+        if self._timer is None:
+            log.info("refused a connection from %s: %s (more refusals are "
+                     "summarised every %gs)", host, reason, SUMMARY_INTERVAL)
+            self._timer = self.core.call_later(SUMMARY_INTERVAL, self._summary)
+            return
+        self._reasons[reason] += 1
+        self._hosts[host] += 1
+
+    def _summary(self) -> None:
+        count = sum(self._reasons.values())
+        if not count:
+            self._timer = None          # a quiet period: the burst is over
+            return
+        reasons = ", ".join(f"{n} {reason}" for reason, n in self._reasons.most_common())
+        hosts = ", ".join(f"{host} ({n})" for host, n in self._hosts.most_common(3))
+        more = len(self._hosts) - 3
+        log.info("refused %d more connections in the last %gs: %s; from %s%s",
+                 count, SUMMARY_INTERVAL, reasons, hosts,
+                 f" and {more} other addresses" if more > 0 else "")
+        self._reasons.clear()
+        self._hosts.clear()
+        self._timer = self.core.call_later(SUMMARY_INTERVAL, self._summary)
+
+
+class Gate:
+    """The access check made once per accepted TCP connection."""
+
+    def __init__(self, refusals: RefusalLog, rules: AccessRules | None = None,
+                 per_address: AddressLimit | None = None) -> None:
+        self.rules = rules
+        self.per_address = per_address
+        self.refusals = refusals
+
+    def admit(self, host: str) -> bool:
+        """Whether ``host`` may connect now; a refusal is logged (in bursts)."""
+        if self.rules is not None and not self.rules.allows(host):
+            self.refusals.refused(host, "denied by --allow/--deny")
+            return False
+        if self.per_address is not None and not self.per_address.room(host):
+            self.refusals.refused(host, f"over --max-per-ip {self.per_address.limit}")
+            return False
+        return True
+
+    def track(self, host: str, conn: Any) -> None:
+        """Count an admitted connection (session or handshake) for ``--max-per-ip``."""
+        if self.per_address is not None:
+            self.per_address.add(host, conn)
+
+
+class RateLimit:
+    """``--max-rate``: the shared settings of every session's token bucket."""
+
+    def __init__(self, core: Core, lines_per_second: float) -> None:
+        self.core = core
+        self.rate = float(lines_per_second)
+        self.burst = max(1.0, self.rate)          # one second's worth of lines
+        self.batch = max(1.0, self.rate * RELEASE_INTERVAL)
+        self.throttled = 0                        # times a session was held back
+
+    def apply(self, s: Session) -> None:
+        """Put ``s``'s input through a token bucket (at accept, before any input)."""
+        s._framer = ThrottledFramer(self, s, s._framer)
+
+
+class ThrottledFramer:
+    """A session's framer that hands out at most ``rate`` lines per second.
+
+    Wraps the session's real framer.  Lines beyond the budget wait in
+    ``stash`` while the session is paused (no longer polled for input); a
+    timer hands them over as tokens accrue, through ``data_received(s,
+    b"")``, so they go the same way as lines read from the socket.
+    """
+
+    __slots__ = ("limit", "session", "inner", "tokens", "stamp", "stash", "timer")
+
+    def __init__(self, limit: RateLimit, s: Session, inner: Any) -> None:
+        self.limit = limit
+        self.session = s
+        self.inner = inner
+        self.tokens = limit.burst
+        self.stamp = limit.core.now
+        self.stash: list[str] = []
+        self.timer: Any = None
+
+    @property
+    def overflow(self) -> bool:
+        # An overlong line closes the session: not before the lines ahead of it are out.
+        return self.inner.overflow and not self.stash
+
+    def feed(self, data: bytes) -> list[str]:
+        """Lines in ``data`` (and held ones) that the budget allows now."""
+        lines = self.inner.feed(data) if data else []
+        if self.stash:
+            lines = self.stash + lines
+            self.stash = []
+        if not lines:
+            return lines
+        limit = self.limit
+        now = limit.core.now
+        tokens = min(limit.burst, self.tokens + (now - self.stamp) * limit.rate)
+        self.stamp = now
+        if len(lines) <= tokens:
+            self.tokens = tokens - len(lines)
+            return lines
+        allowed = int(tokens)
+        self.tokens = tokens - allowed
+        self.stash = lines[allowed:]
+        self._hold()
+        return lines[:allowed]
+
+    def finish(self) -> list[str]:
+        """EOF: everything left.  (While lines are held the socket is not read,
+        so EOF normally arrives only after the stash has been handed out.)"""
+        lines, self.stash = self.stash, []
+        return lines + self.inner.finish()
+
+    def _hold(self) -> None:
+        s = self.session
+        limit = self.limit
+        if not s._throttled:
+            limit.throttled += 1
+            s._throttled = True
+            if not s._paused:
+                s._paused = True            # the loop stops polling it for input
+                limit.core.dirty.append(s)
+        if self.timer is None:
+            need = min(len(self.stash), limit.batch)
+            wait = max(0.0, (need - self.tokens) / limit.rate)
+            self.timer = limit.core.call_later(wait, self._release)
+
+    def _release(self) -> None:
+        self.timer = None
+        s = self.session
+        if s._finished or s._closing:
+            self.stash = []
+            return
+        core = self.limit.core
+        core.data_received(s, b"")          # feed(b"") hands out what the budget allows
+        if not self.stash and not s._finished:
+            s._throttled = False
+            core.dirty.append(s)            # the loop resumes reading once output is low

@@ -1,0 +1,406 @@
+"""TLS on the TCP listeners: handshakes, per-session encryption, certificate reloads.
+
+The loop reads and writes bare descriptors with ``os.read``/``os.write``.
+TLS fits in without touching that path: ``ssl.SSLObject`` runs over two
+``MemoryBIO`` buffers and never sees the socket, mpxd does all the I/O.
+
+* The handshake happens before there is a session.  The accepted descriptor
+  is polled through ``Loop.watch`` and fed to the SSL object until the
+  handshake completes, fails (logged at INFO, nothing else is disturbed) or
+  times out (``--tls-handshake-timeout``, a core timer).  Only then does the
+  session open, so ``handle_open`` already sees ``s.tls_peer``.
+* Reading: the session's framer is a ``TLSChannel``; the loop hands it the
+  ciphertext it read and gets lines back, as from the plain ``LineFramer``.
+* Writing: the session's ``_write`` is ``TLSChannel.write``, which keeps
+  ``os.write``'s contract (bytes in, count of those bytes out, or
+  ``BlockingIOError``) so the loop's flush treats both alike.
+
+TLS 1.2 is the oldest version accepted, renegotiation is refused, and with
+``--tls-ca`` a client certificate signed by that CA is required; its subject
+becomes ``s.tls_peer`` in RFC 4514 form (``CN=alice,O=Example``).  HUP loads
+the certificate files again; if that fails the previous ones stay in use.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import ssl
+from typing import TYPE_CHECKING, Any, Callable
+
+from .core import format_peer
+from .listeners import ListenError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .loop import Loop
+    from .session import Session
+
+__all__ = ["TLSSetupError", "TLSServer", "TLSChannel", "subject_string"]
+
+log = logging.getLogger("mpxd")
+
+IN = 0x001                      # select.POLLIN / EPOLLIN
+OUT = 0x004                     # select.POLLOUT / EPOLLOUT
+READ_SIZE = 256 * 1024
+WRITE_CHUNK = 64 * 1024         # plaintext encrypted per write call
+
+# RFC 4514 short names for the attributes the ssl module reports by long name
+_SHORT_NAMES = {
+    "commonName": "CN", "countryName": "C", "localityName": "L",
+    "stateOrProvinceName": "ST", "organizationName": "O",
+    "organizationalUnitName": "OU", "streetAddress": "STREET",
+    "domainComponent": "DC", "userId": "UID",
+}
+
+
+class TLSSetupError(ListenError):
+    """The TLS certificate, key or CA file cannot be used; the message says why."""
+
+
+def make_context(cert: str, key: str | None, ca: str | None) -> ssl.SSLContext:
+    """A server context: TLS 1.2 or later, no renegotiation, client certs if ``ca``."""
+    for what, path in (("certificate", cert), ("key", key), ("CA file", ca)):
+        if path is not None and not os.access(path, os.R_OK):
+            raise TLSSetupError(f"cannot read TLS {what} {path}")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        pair = f"{cert} with key {key}" if key else cert
+        raise TLSSetupError(f"cannot use TLS certificate {pair}: "
+                            f"{_reason(e)}") from None
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=ca)
+        except (ssl.SSLError, OSError) as e:
+            raise TLSSetupError(f"cannot use TLS CA file {ca}: {_reason(e)}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _reason(e: BaseException) -> str:
+    """A short human reason from an ``ssl.SSLError`` or ``OSError``."""
+    if isinstance(e, ssl.SSLCertVerificationError) and e.verify_message:
+        return e.verify_message
+    reason = getattr(e, "reason", None)
+    if reason:
+        return reason.lower().replace("_", " ")
+    return getattr(e, "strerror", None) or str(e)
+
+
+def subject_string(cert: dict | None) -> str | None:
+    """A peer certificate's subject in RFC 4514 order and escaping, or None."""
+    if not cert or not cert.get("subject"):
+        return None
+    parts = []
+    for rdn in reversed(cert["subject"]):
+        parts.append("+".join(f"{_SHORT_NAMES.get(name, name)}={_escape(value)}"
+                              for name, value in rdn))
+    return ",".join(parts)
+
+
+def _escape(value: str) -> str:
+    escaped = "".join("\\" + c if c in ',+"\\<>;=' else c for c in value)
+    if escaped[:1] in ("#", " "):
+        escaped = "\\" + escaped
+    if escaped.endswith(" ") and not escaped.endswith("\\ "):
+        escaped = escaped[:-1] + "\\ "
+    return escaped
+
+
+class TLSServer:
+    """The TLS settings of one run: the current context, handshakes, counts."""
+
+    def __init__(self, cert: str, key: str | None, ca: str | None,
+                 handshake_timeout: float) -> None:
+        self.cert, self.key, self.ca = cert, key, ca
+        self.handshake_timeout = handshake_timeout
+        self.context = make_context(cert, key, ca)
+        self.loop: Loop | None = None
+        self.handshakes = 0             # completed
+        self.failures = 0               # failed or timed out
+
+    def reload(self) -> None:
+        """Load the certificate files again (HUP); keep the old ones on failure."""
+        try:
+            self.context = make_context(self.cert, self.key, self.ca)
+        except TLSSetupError as e:
+            log.error("TLS reload failed, still using the previous certificate: %s", e)
+            return
+        log.info("reloaded TLS certificate %s", self.cert)
+
+    def handshake(self, fd: int, peer: Any,
+                  done: Callable[[int, Any, TLSChannel], Any]) -> Handshake:
+        """Start the server side of a handshake on accepted ``fd``."""
+        assert self.loop is not None, "TLSServer.loop is set by the edge set-up"
+        return Handshake(self, self.loop, fd, peer, done)
+
+
+class Handshake:
+    """One connection between accept and its session: the TLS handshake.
+
+    ``_finished`` is true once the connection is gone (so per-address
+    limits can count handshakes in progress as connections).
+    """
+
+    def __init__(self, server: TLSServer, loop: Loop, fd: int, peer: Any,
+                 done: Callable[[int, Any, TLSChannel], Any]) -> None:
+        self.server = server
+        self.loop = loop
+        self.fd = fd
+        self.peer = peer
+        self.done = done
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.sslobj = server.context.wrap_bio(self.incoming, self.outgoing,
+                                              server_side=True)
+        self.unsent = b""
+        self.mask = IN
+        self.complete = False
+        self.closed = False
+        self.session: Session | None = None
+        self.timer = loop.core.call_later(server.handshake_timeout, self._expired)
+        loop.watch(fd, IN, self._ready)
+
+    @property
+    def _finished(self) -> bool:
+        if self.session is not None:
+            return self.session._finished
+        return self.closed
+
+    def _ready(self, mask: int) -> None:
+        if mask & OUT and not self._send():
+            return
+        if self.complete:
+            if not self.unsent:
+                self._open()
+            return
+        if mask & ~OUT:                 # readable, or an error/hang-up to read
+            try:
+                data = os.read(self.fd, READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._fail(e.strerror or str(e), quiet=e.errno in (errno.ECONNRESET,))
+                return
+            if not data:
+                self._fail("connection closed by the client", quiet=True)
+                return
+            self.incoming.write(data)
+        self._step()
+
+    def _step(self) -> None:
+        try:
+            self.sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._send()
+            return
+        except ssl.SSLError as e:
+            self._send()                # the alert, so the client learns why
+            self._fail(_reason(e))
+            return
+        self.complete = True
+        if self._send():
+            self._open()
+
+    def _send(self) -> bool:
+        """Write pending handshake bytes; False if some must wait for POLLOUT."""
+        data = self.unsent + self.outgoing.read()
+        if data:
+            try:
+                written = os.write(self.fd, data)
+            except (BlockingIOError, InterruptedError):
+                written = 0
+            except OSError as e:
+                self._fail(e.strerror or str(e), quiet=True)
+                return False
+            data = data[written:]
+        self.unsent = data
+        if self.closed:
+            return False
+        mask = IN | OUT if data else IN
+        if mask != self.mask:
+            self.mask = mask
+            self.loop.rewatch(self.fd, mask)
+        return not data
+
+    def _open(self) -> None:
+        """Handshake done and flushed: the connection becomes a session."""
+        self.timer.cancel()
+        self.loop.unwatch(self.fd)
+        if self.loop.draining:
+            self._close()
+            return
+        self.server.handshakes += 1
+        channel = TLSChannel(self.sslobj, self.incoming, self.outgoing)
+        self.session = self.done(self.fd, self.peer, channel)
+
+    def _expired(self) -> None:
+        if self.session is None and not self.closed:
+            self._fail(f"timed out after {self.server.handshake_timeout:g}s")
+
+    def _fail(self, reason: str, quiet: bool = False) -> None:
+        if self.closed:
+            return
+        self.server.failures += 1
+        log.log(logging.DEBUG if quiet else logging.INFO,
+                "TLS handshake with %s failed: %s", format_peer(self.peer), reason)
+        self.timer.cancel()
+        self.loop.unwatch(self.fd)
+        self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+class TLSChannel:
+    """A TLS session's framer (ciphertext in, lines out) and writer (``os.write`` with TLS).
+
+    ``attach`` wraps the session's plain ``LineFramer``.  Ciphertext that
+    cannot be written at once waits in ``unsent``; the loop is told nothing
+    of it was written (0) until it is out, and then the whole plaintext
+    chunk it encrypted counts as written, so the loop retries with the same
+    buffer and never loses or repeats data.
+    """
+
+    __slots__ = ("sslobj", "incoming", "outgoing", "subject", "session", "inner",
+                 "unsent", "unsent_plain")
+
+    def __init__(self, sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO) -> None:
+        self.sslobj = sslobj
+        self.incoming = incoming
+        self.outgoing = outgoing
+        self.subject = subject_string(sslobj.getpeercert())
+        self.session: Session | None = None
+        self.inner: Any = None
+        self.unsent = b""
+        self.unsent_plain = 0
+
+    def attach(self, s: Session) -> None:
+        """Become ``s``'s framer and writer; hand on data that came with the handshake."""
+        self.session = s
+        self.inner = s._framer
+        s._framer = self
+        s._write = self.write
+        if self.incoming.pending and not s._closing:
+            s._core.data_received(s, b"")
+
+    # --------------------------------------------------------- framer face
+
+    @property
+    def overflow(self) -> bool:
+        return self.inner.overflow
+
+    def feed(self, data: bytes) -> list[str]:
+        """Ciphertext read from the socket; returns the complete lines it finishes."""
+        if data:
+            self.incoming.write(data)
+        plain = self._decrypt()
+        s = self.session
+        s._bytes_in += len(plain) - len(data)     # count plaintext, as plain sessions do
+        if not plain or s._closing:
+            return []
+        return self.inner.feed(plain)
+
+    def finish(self) -> list[str]:
+        """The client closed its side (TCP EOF): the unterminated last line, if any.
+
+        Every complete record was decrypted as it came; the EOF itself is
+        not fed to OpenSSL, which would answer a missing close_notify with
+        a fatal alert and refuse to encrypt the answers still to be sent.
+        """
+        return self.inner.finish()
+
+    def _decrypt(self) -> bytes:
+        chunks = []
+        sslobj = self.sslobj
+        while True:
+            try:
+                chunk = sslobj.read(READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLEOFError:
+                break                   # EOF without close_notify: an ordinary EOF here
+            except ssl.SSLError as e:
+                self._broken(e)
+                break
+            if not chunk:               # close_notify: the client will send no more
+                self._client_done()
+                break
+            chunks.append(chunk)
+        if self.outgoing.pending:       # e.g. a KeyUpdate answer or an alert
+            self._send_control()
+        return b"".join(chunks)
+
+    def _client_done(self) -> None:
+        s = self.session
+        if not s._eof and not s._closing:
+            # Not from inside data_received: the lines of this read come first.
+            s._core.call_later(0, self._deliver_eof)
+
+    def _deliver_eof(self) -> None:
+        s = self.session
+        if not s._eof and not s._closing and not s._finished:
+            s._core.eof_received(s)
+
+    def _broken(self, e: ssl.SSLError) -> None:
+        s = self.session
+        log.info("session %d: TLS error: %s; closing it", s.id, _reason(e))
+        s._core.abort(s, "tls error")
+
+    def _send_control(self) -> None:
+        """Write TLS records made while reading; they queue behind ``unsent``."""
+        data = self.outgoing.read()
+        if not self.unsent:
+            try:
+                data = data[os.write(self.session._fd, data):]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                return                  # the next read or write reports it
+        self.unsent += data
+
+    # ---------------------------------------------------------- writer face
+
+    def write(self, fd: int, data: Any) -> int:
+        """``os.write`` for this session: encrypt and send; returns plaintext bytes done."""
+        if self.unsent:
+            written = os.write(fd, self.unsent)      # BlockingIOError: the loop retries
+            self.unsent = self.unsent[written:]
+            if self.unsent:
+                return 0
+            done, self.unsent_plain = self.unsent_plain, 0
+            if done:
+                return done
+        chunk = memoryview(data)[:WRITE_CHUNK]
+        try:
+            self.sslobj.write(chunk)
+            s = self.session
+            if s._closing and s._out is None and len(chunk) == len(data):
+                self._close_notify()            # the last bytes this session sends
+        except ssl.SSLError as e:
+            raise ConnectionAbortedError(errno.ECONNABORTED, f"TLS: {_reason(e)}") from None
+        cipher = self.outgoing.read()
+        try:
+            written = os.write(fd, cipher)
+        except (BlockingIOError, InterruptedError):
+            written = 0
+        if written < len(cipher):
+            self.unsent = cipher[written:]
+            self.unsent_plain = len(chunk)
+            return 0
+        return len(chunk)
+
+    def _close_notify(self) -> None:
+        try:
+            self.sslobj.unwrap()
+        except ssl.SSLError:
+            pass                        # sent; the client's own close_notify is not awaited

@@ -1,0 +1,486 @@
+"""``--workers N``: N worker processes share the port; a small parent supervises.
+
+Each worker is a whole mpxd: its own poll loop, its own copy of the handler
+script and so its own module globals (a ``global`` counter counts per
+worker; state shared between workers belongs in a store such as Redis, see
+docs/scaling.md).  The workers listen on the same port with ``SO_REUSEPORT``:
+each has its own listening socket and the kernel spreads new connections
+across them, so there is no accept contention and no lock.
+
+The parent never runs handler code.  It
+
+* binds (without listening) one socket per address with ``SO_REUSEPORT``:
+  that picks the port for ``--port 0`` and keeps it while workers restart;
+  a socket that does not listen is never handed a connection;
+* forks the workers, each of which binds its own listening socket to that
+  port, drops privileges, loads the script and reports "ready" on a pipe;
+  only once every worker is ready does the parent log ``listening on
+  HOST:PORT``, tell systemd READY=1 and release ``--daemon``'s caller;
+* restarts a worker that dies, at once after a long life, with a growing
+  delay (0.5 s doubling to 30 s) while it keeps dying young;
+* forwards TERM, INT, HUP and USR1 to every worker (and reopens its own log
+  files on USR1); on TERM/INT it waits for the workers to drain and exit,
+  kills those still there ``--drain-timeout`` + 5 s later, removes the
+  pidfile and exits 0 if every worker exited cleanly;
+* holds the pidfile; the workers hold the port.
+
+Sockets passed by systemd (``LISTEN_FDS``) are inherited by every worker
+instead: one shared listening socket, no ``SO_REUSEPORT``.
+
+Workers are forked with TERM/INT/HUP/USR1 blocked and unblock them once
+their loop's handlers are installed, so a signal forwarded during start-up
+is delayed, never lost.  Each worker runs in its own process group (a
+Ctrl-C in the terminal reaches the parent only, which forwards it once) and
+gets SIGTERM from the kernel if the parent dies (``PR_SET_PDEATHSIG``).
+
+The parent keeps the privileges it was started with, so that a restarted
+worker can bind a port below 1024 again; only the workers switch to
+``--user``/``--group``.  A restarted worker loads the script as it is on
+disk at that moment.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+
+import click
+
+from .config import Config
+from .core import Core
+from .daemonize import Detached, detach
+from .edge import Edge
+from .listeners import ListenError, bind_listeners, describe
+from .logs import reopen_log_files, setup_logging
+from .loop import Loop
+from .pidfile import PidFile, PidFileError
+from .privileges import PrivilegeError, drop_privileges
+from .script import ScriptError, load_script
+from .signals import HANDLED_SIGNALS, Wakeup
+from .systemd import Notifier
+from .timers import TimerHeap
+
+__all__ = ["supervise", "Supervisor"]
+
+log = logging.getLogger("mpxd")
+
+FORWARDED = HANDLED_SIGNALS                 # TERM, INT, HUP, USR1
+STABLE_AFTER = 10.0     # a worker that lived this long and died restarts at once
+BACKOFF_FIRST = 0.5     # seconds before restarting a worker that died young
+BACKOFF_MAX = 30.0
+KILL_GRACE = 5.0        # seconds past --drain-timeout before SIGKILL
+STATUS_INTERVAL = 5.0   # seconds between systemd STATUS= updates
+PR_SET_PDEATHSIG = 1
+
+
+class Worker:
+    """One worker slot: its number stays, its process changes on restart."""
+
+    __slots__ = ("number", "pid", "status_fd", "ready", "started", "young_deaths",
+                 "message", "exit_code")
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.pid: int | None = None
+        self.status_fd: int | None = None   # read end of the "ready"/"error" pipe
+        self.ready = False
+        self.started = 0.0
+        self.young_deaths = 0               # deaths in a row, each soon after start
+        self.message = ""                   # what the worker wrote on its pipe
+        self.exit_code: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.number} (pid {self.pid})"
+
+
+def supervise(config: Config, inherited: list[socket.socket], count: int) -> int:
+    """Start up like ``cli.run`` does, run ``count`` workers; return the exit status."""
+    if config.unix or config.control:
+        # One path can hold one socket: N workers cannot each bind it.
+        raise click.UsageError("--unix and --control cannot be used with --workers")
+    detached: Detached | None = None
+    try:
+        reopenable = setup_logging(config.log_level, config.log_file, config.syslog,
+                                   redirect_stdio=config.daemon)
+    except OSError as e:
+        click.echo(f"Error: cannot open log file {config.log_file}: {e.strerror}", err=True)
+        return 1
+    if config.daemon:
+        if not config.log_file and not config.syslog:
+            log.warning("--daemon without --log-file or --syslog: log lines are discarded")
+        detached = detach(reopenable[0].stream.fileno() if reopenable else None)
+    pidfile = PidFile(config.pidfile) if config.pidfile else None
+    try:
+        if pidfile is not None:
+            pidfile.acquire()
+        held = inherited or bind_listeners(config.hosts, config.port or 0, config.backlog,
+                                           reuse_port=True, listen=False)
+    except (PidFileError, ListenError) as e:
+        if pidfile is not None:
+            pidfile.release()
+        return _failed(config, detached, str(e))
+
+    supervisor = Supervisor(config, count, held, shared=bool(inherited),
+                            notifier=Notifier.from_environment(), detached=detached,
+                            reopen_logs=lambda: reopen_log_files(reopenable))
+    try:
+        status = supervisor.run()
+    finally:
+        for sock in held:
+            sock.close()
+        if pidfile is not None:
+            pidfile.release()
+    if supervisor.failure:
+        return _failed(config, detached, supervisor.failure)
+    log.info("stopped")
+    return status
+
+
+def _failed(config: Config, detached: Detached | None, message: str) -> int:
+    """Report a start-up failure as ``cli.run`` does; exit status 1."""
+    if detached is not None:
+        detached.failed(message)
+    log.error("%s", message)
+    handlers = logging.getLogger("mpxd").handlers
+    if not config.daemon and handlers and not any(
+            getattr(h, "stream", None) is sys.stderr for h in handlers):
+        click.echo(f"Error: {message}", err=True)
+    return 1
+
+
+class Supervisor:
+    """The parent: forks, watches, restarts and signals the workers."""
+
+    def __init__(self, config: Config, count: int, held: list[socket.socket], *,
+                 shared: bool, notifier: Notifier, detached: Detached | None = None,
+                 reopen_logs=None) -> None:
+        self.config = config
+        self.held = held                # reserved (or, if shared, inherited) sockets
+        self.shared = shared
+        self.port = held[0].getsockname()[1] if held and not shared else 0
+        self.notifier = notifier
+        self.detached = detached
+        self.reopen_logs = reopen_logs
+        self.workers = [Worker(n) for n in range(1, count + 1)]
+        self.timers = TimerHeap()
+        self.wakeup = Wakeup()
+        self.poller = select.poll()
+        self.announced = False          # "listening on" logged, READY=1 sent
+        self.stopping = False
+        self.failure = ""               # why start-up failed, if it did
+        self.unclean = False            # a worker exited badly during shutdown
+
+    # ------------------------------------------------------------ running
+
+    def run(self) -> int:
+        """Fork the workers and supervise them until they all exited on TERM."""
+        self.wakeup.install(FORWARDED + (signal.SIGCHLD,))
+        self.poller.register(self.wakeup.fileno(), select.POLLIN)
+        try:
+            for worker in self.workers:
+                self._spawn(worker)
+            if self.notifier.enabled:
+                self._every(STATUS_INTERVAL, self._report_status)
+                if self.notifier.watchdog_interval:
+                    self._every(self.notifier.watchdog_interval, self.notifier.watchdog)
+            while not (self.stopping and self._alive() == 0):
+                self._wait()
+        finally:
+            self.wakeup.close()
+            self.notifier.close()
+        return 1 if self.unclean else 0
+
+    def _wait(self) -> None:
+        deadline = self.timers.next_deadline()
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        events = self.poller.poll(None if timeout is None else timeout * 1000.0)
+        for fd, _mask in events:
+            if fd == self.wakeup.fileno():
+                for signum in self.wakeup.drain():
+                    self._on_signal(signum)
+            else:
+                worker = next((w for w in self.workers if w.status_fd == fd), None)
+                if worker is not None:
+                    self._read_status(worker)
+        self._reap()
+        self.timers.run_due(time.monotonic(), lambda timer: timer.callback(*timer.args))
+        if not self.announced and not self.stopping and all(w.ready for w in self.workers):
+            self._announce()
+
+    def _alive(self) -> int:
+        return sum(1 for w in self.workers if w.pid is not None)
+
+    def _every(self, interval: float, fn) -> None:
+        self.timers.add(time.monotonic() + interval, fn, (), interval)
+
+    def _announce(self) -> None:
+        """Every worker listens: now the service is ready."""
+        self.announced = True
+        log.info("%d workers ready: pids %s", len(self.workers),
+                 " ".join(str(w.pid) for w in self.workers))
+        for sock in self.held:
+            log.info("listening on %s", describe(sock))
+        self.notifier.ready(f"listening on {', '.join(describe(s) for s in self.held)} "
+                            f"with {len(self.workers)} workers")
+        if self.detached is not None:
+            self.detached.ready()
+
+    # ------------------------------------------------------------ signals
+
+    def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            return                      # _reap runs after every wake-up
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            if self.stopping:
+                log.info("second stop signal: passing it on, workers close sessions now")
+            else:
+                self._stop(f"shutting down: stopping {self._alive()} workers")
+            self._forward(signum)
+        elif signum == signal.SIGHUP:
+            if self.stopping:
+                return
+            log.info("reloading: passing HUP on to %d workers", self._alive())
+            self.notifier.reloading()
+            self._forward(signum)
+            self.notifier.ready(self._status_text())
+        elif signum == signal.SIGUSR1:
+            if self.reopen_logs is not None:
+                self.reopen_logs()
+            self._forward(signum)
+
+    def _forward(self, signum: int) -> None:
+        for worker in self.workers:
+            if worker.pid is not None:
+                try:
+                    os.kill(worker.pid, signum)
+                except ProcessLookupError:
+                    pass                # exited; _reap will see it
+
+    def _stop(self, why: str) -> None:
+        """Stop restarting; the caller forwards TERM; SIGKILL comes later."""
+        log.info("%s", why)
+        self.stopping = True
+        self.notifier.stopping()
+        self.timers.add(time.monotonic() + self.config.drain_timeout + KILL_GRACE,
+                        self._kill_stragglers)
+
+    def _kill_stragglers(self) -> None:
+        for worker in self.workers:
+            if worker.pid is not None:
+                log.warning("%s still running %gs after TERM: killing it", worker.name,
+                            self.config.drain_timeout + KILL_GRACE)
+                self.unclean = True
+                try:
+                    os.kill(worker.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    # ----------------------------------------------------- worker deaths
+
+    def _read_status(self, worker: Worker, final: bool = False) -> None:
+        """Read what the worker wrote: "ready", or "error MESSAGE"; close at EOF.
+
+        ``final``: the worker has exited; take what is there and close the
+        pipe even without EOF (a process the script forked may hold it).
+        """
+        fd = worker.status_fd
+        while True:
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                if not final:
+                    return
+                data = b""
+            except OSError:
+                data = b""
+            if not data:
+                break
+            worker.message += data.decode("utf-8", "replace")
+            if worker.message.startswith("ready") and not worker.ready:
+                worker.ready = True
+                if self.announced:
+                    log.info("%s ready", worker.name)
+        self.poller.unregister(fd)
+        os.close(fd)
+        worker.status_fd = None
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = next((w for w in self.workers if w.pid == pid), None)
+            if worker is not None:
+                self._exited(worker, status)
+
+    def _exited(self, worker: Worker, status: int) -> None:
+        if worker.status_fd is not None:
+            self._read_status(worker, final=True)
+        code = os.waitstatus_to_exitcode(status)
+        how = f"exited with status {code}" if code >= 0 else \
+            f"was killed by {signal.Signals(-code).name}"
+        error = worker.message[len("error "):].strip() \
+            if worker.message.startswith("error ") else ""
+        was_ready, lived = worker.ready, time.monotonic() - worker.started
+        name = worker.name
+        worker.pid = None
+        worker.ready = False
+        if self.stopping:
+            if error and error == self.failure:
+                log.debug("%s %s: %s", name, how, error)    # said once already
+            elif code != 0:
+                self.unclean = True
+                log.warning("%s %s%s", name, how, f": {error}" if error else "")
+            else:
+                log.info("%s exited", name)
+            return
+        if not self.announced:
+            # Start-up failed: a broken script or a port in use fails the same
+            # way in every worker, so say it once and stop the others.
+            self.failure = error or f"{name} {how} during start-up"
+            self._stop("start-up failed: stopping the other workers")
+            self._forward(signal.SIGTERM)
+            return
+        if lived >= STABLE_AFTER:
+            worker.young_deaths = 0
+            delay = 0.0
+        else:
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** worker.young_deaths)
+            worker.young_deaths += 1
+        cause = error or (how if was_ready else f"{how} before it was ready")
+        log.error("%s %s; restarting it%s", name, cause,
+                  f" in {delay:g}s" if delay else "")
+        self.timers.add(time.monotonic() + delay, self._respawn, (worker,))
+
+    def _respawn(self, worker: Worker) -> None:
+        if not self.stopping and worker.pid is None:
+            self._spawn(worker)
+
+    # ------------------------------------------------------------ forking
+
+    def _spawn(self, worker: Worker) -> None:
+        """Fork one worker; it reports on a pipe when it serves or why it cannot."""
+        read_fd, write_fd = os.pipe()
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os.close(read_fd)
+                self._become_worker(worker, write_fd)     # never returns
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        worker.pid = pid
+        worker.status_fd = read_fd
+        worker.ready = False
+        worker.message = ""
+        worker.started = time.monotonic()
+        self.poller.register(read_fd, select.POLLIN)
+
+    def _become_worker(self, worker: Worker, status_fd: int) -> None:
+        """In the child: forget the parent's state, then serve until stopped."""
+        code = 1
+        try:
+            parent = os.getppid()
+            self.wakeup.close()         # the parent's signal handlers and socketpair
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for other in self.workers:
+                if other.status_fd is not None:
+                    os.close(other.status_fd)
+            if not self.shared:
+                for sock in self.held:  # the port reservation is the parent's
+                    sock.close()
+            if self.detached is not None and self.detached._fd is not None:
+                # --daemon's caller waits for EOF on this pipe: only the
+                # parent may hold it open.
+                os.close(self.detached._fd)
+                self.detached._fd = None
+            os.setpgid(0, 0)
+            code = _serve_as_worker(self.config, worker.number, status_fd,
+                                    self.held if self.shared else None, self.port,
+                                    self.reopen_logs, parent)
+        except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
+            try:
+                log.error("worker %d failed:\n%s", worker.number, traceback.format_exc().rstrip())
+            except BaseException:  # noqa: BLE001
+                pass
+        finally:
+            for handler in logging.getLogger("mpxd").handlers:
+                try:
+                    handler.flush()
+                except Exception:  # noqa: BLE001
+                    pass
+            os._exit(code)
+
+    # ------------------------------------------------------------- status
+
+    def _status_text(self) -> str:
+        return f"{sum(1 for w in self.workers if w.ready)} of {len(self.workers)} workers ready"
+
+    def _report_status(self) -> None:
+        self.notifier.status(self._status_text())
+
+
+def _serve_as_worker(config: Config, number: int, status_fd: int,
+                     shared: list[socket.socket] | None, port: int,
+                     reopen_logs, parent: int) -> int:
+    """A worker's life: bind, drop privileges, load the script, serve; exit status."""
+    try:
+        listeners = shared or bind_listeners(config.hosts, port, config.backlog,
+                                             reuse_port=True)
+        edge = Edge.open(config)        # TLS files, rules, limits: per worker
+        drop_privileges(config.user, config.group)
+        _die_with_parent(parent)
+        handlers = load_script(config.script)
+    except (ListenError, PrivilegeError, ScriptError) as e:
+        _report(status_fd, f"error {e}")
+        return 1
+    core = Core(handlers, config)
+    loop = Loop(core, config, listeners, Notifier(None), reopen_logs=reopen_logs)
+    loop.install_signals()
+    edge.install(loop)
+    # Forwarded signals were blocked since the fork; now the loop handles them.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+    # "ready" from the loop's first pass: on_start has run and it accepts.
+    core.call_later(0, _report, status_fd, "ready")
+    try:
+        loop.run()
+    finally:
+        edge.close()
+    log.info("worker %d stopped", number)
+    return 0
+
+
+def _report(fd: int, text: str) -> None:
+    try:
+        os.write(fd, (text + "\n").encode("utf-8", "replace"))
+    except OSError:
+        pass                            # the parent is gone; PDEATHSIG follows
+    finally:
+        os.close(fd)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux for SIGTERM when the parent dies (after the uid change, which clears it)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            log.debug("prctl(PR_SET_PDEATHSIG): %s", os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as e:
+        log.debug("prctl unavailable: %s", e)
+    if os.getppid() != parent:          # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)

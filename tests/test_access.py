@@ -1,0 +1,271 @@
+"""mpxd.access: --allow/--deny, --max-per-ip and --max-rate, alone and in the daemon."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import pytest
+
+from conftest import wait_until
+from mpxd.access import AccessRules, AddressLimit, RateLimit, RefusalLog, parse_network
+from mpxd.framing import LineFramer
+from spawn import mpxd  # noqa: F401 - fixture
+
+HANDLER = '''
+opens = 0
+
+def handle_open(s):
+    global opens
+    opens += 1
+    s.response = "hello"
+
+def handle_request(s):
+    s.response = str(opens) if s.request == "opens" else s.request
+'''
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+
+
+# ------------------------------------------------------------------ rules
+
+@pytest.mark.parametrize("allow, deny, verdicts", [
+    ((), (), {"10.1.2.3": True, "::1": True}),
+    (("10.0.0.0/8",), ("10.1.0.0/16",),
+     {"10.2.3.4": True, "10.1.2.3": False, "11.0.0.1": False, "::1": False}),
+    (("10.1.2.3",), ("10.0.0.0/8",),
+     {"10.1.2.3": True, "10.1.2.4": False, "8.8.8.8": False}),
+    ((), ("10.0.0.0/8", "2001:db8::/32"),
+     {"10.9.9.9": False, "8.8.8.8": True, "2001:db8::5": False, "2001:db9::5": True}),
+    (("127.0.0.1",), ("127.0.0.1",), {"127.0.0.1": False}),          # deny wins a tie
+    (("::1",), (), {"::1": True, "127.0.0.1": False}),
+    ((), ("127.0.0.0/8",), {"::ffff:127.0.0.1": False, "fe80::1%eth0": True}),
+])
+def test_most_specific_rule_decides_whatever_the_order(allow, deny, verdicts):
+    for rules in (AccessRules(allow, deny), AccessRules(reversed(allow), reversed(deny))):
+        assert {host: rules.allows(host) for host in verdicts} == verdicts
+
+
+def test_rules_describe_the_order_they_are_tried_in():
+    rules = AccessRules(["10.0.0.0/8", "10.1.2.3"], ["10.1.0.0/16"])
+    assert rules.describe() == ["allow 10.1.2.3/32", "deny  10.1.0.0/16",
+                                "allow 10.0.0.0/8", "deny  everything else"]
+
+
+def test_bad_networks_are_rejected():
+    for text in ("10.0.0.0/33", "localhost", "1.2.3"):
+        with pytest.raises(ValueError, match="not an IPv4 or IPv6"):
+            parse_network(text)
+    assert str(parse_network("10.1.2.3/8")) == "10.0.0.0/8"     # host bits ignored
+
+
+class Conn:
+    def __init__(self) -> None:
+        self._finished = False
+
+
+def test_address_limit_counts_open_connections_only():
+    limit = AddressLimit(2)
+    a, b = Conn(), Conn()
+    for conn in (a, b):
+        assert limit.room("10.0.0.1")
+        limit.add("10.0.0.1", conn)
+    assert not limit.room("10.0.0.1")
+    assert limit.room("10.0.0.2")
+    a._finished = True
+    assert limit.room("10.0.0.1")
+
+
+# ------------------------------------------------------------ fake core
+
+class FakeCore:
+    """What RateLimit and RefusalLog use of the core, with a clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.dirty: list = []
+        self.timers: list = []
+        self.handled: list[str] = []
+
+    def call_later(self, delay, fn, *args):
+        timer = [self.now + delay, fn, args]
+        self.timers.append(timer)
+        return timer
+
+    def run_until(self, when: float) -> None:
+        while True:
+            due = [t for t in self.timers if t[0] <= when]
+            if not due:
+                break
+            timer = min(due, key=lambda t: t[0])
+            self.timers.remove(timer)
+            self.now = timer[0]
+            timer[1](*timer[2])
+        self.now = when
+
+    def data_received(self, s, data: bytes) -> None:
+        self.handled += s._framer.feed(data)
+
+
+class FakeSession:
+    def __init__(self) -> None:
+        self._framer = LineFramer(1000)
+        self._throttled = self._paused = self._finished = self._closing = False
+
+
+def test_rate_limit_holds_surplus_lines_and_hands_them_out_in_order():
+    core = FakeCore()
+    rate = RateLimit(core, 10)                  # 10 lines/s, a burst of 10
+    s = FakeSession()
+    rate.apply(s)
+    lines = [f"line {i}" for i in range(25)]
+    core.data_received(s, "".join(f"{line}\n" for line in lines).encode())
+    assert core.handled == lines[:10]
+    assert s._paused and s._throttled and core.dirty == [s]   # no longer polled
+    core.run_until(0.55)
+    assert core.handled == lines[:15]           # 10 per second after the burst
+    core.run_until(1.5)
+    assert core.handled == lines
+    assert not s._throttled and core.dirty[-1] is s            # reading may resume
+    assert rate.throttled == 1
+
+
+def test_rate_limited_session_closing_drops_held_lines():
+    core = FakeCore()
+    s = FakeSession()
+    RateLimit(core, 1).apply(s)
+    core.data_received(s, b"a\nb\nc\n")
+    assert core.handled == ["a"]
+    s._closing = True                             # close_session: unhandled lines go
+    core.run_until(10)
+    assert core.handled == ["a"]
+
+
+def test_refusals_are_logged_once_per_burst_with_counts(caplog):
+    core = FakeCore()
+    refusals = RefusalLog(core)
+    with caplog.at_level(logging.INFO, logger="mpxd"):
+        refusals.refused("10.0.0.1", "denied by --allow/--deny")
+        for _ in range(5):
+            refusals.refused("10.0.0.1", "over --max-per-ip 2")
+        refusals.refused("10.0.0.2", "denied by --allow/--deny")
+        core.run_until(1.0)
+        core.run_until(5.0)                       # quiet: the burst ends, no more lines
+        refusals.refused("10.0.0.3", "denied by --allow/--deny")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "refused a connection from 10.0.0.1: denied by --allow/--deny (more refusals "
+        "are summarised every 1s)",
+        "refused 6 more connections in the last 1s: 5 over --max-per-ip 2, 1 denied by "
+        "--allow/--deny; from 10.0.0.1 (5), 10.0.0.2 (1)",
+        "refused a connection from 10.0.0.3: denied by --allow/--deny (more refusals "
+        "are summarised every 1s)",
+    ]
+    assert sum(refusals.total.values()) == 8
+
+
+# ------------------------------------------------------------ the daemon
+
+@pytest.fixture
+def handler(tmp_path):
+    path = tmp_path / "access_handler.py"
+    path.write_text(HANDLER)
+    return str(path)
+
+
+def start(mpxd, handler, *options: str):  # noqa: F811
+    d = mpxd(["--port", "0", "--host", "127.0.0.1",
+              *(["--host", "::1"] if ipv6_loopback() else []), *options, handler])
+    d.wait_listening()
+    return d
+
+
+def greeted(host: str, port: int) -> bool:
+    """Connect; True if the handler greeted us, False if closed unanswered."""
+    with socket.create_connection((host, port), timeout=5) as sock:
+        return sock.recv(100) == b"hello\n"
+
+
+def opens(port: int) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        f = sock.makefile("rwb")
+        assert f.readline() == b"hello\n"
+        f.write(b"opens\n")
+        f.flush()
+        return int(f.readline())
+
+
+@needs_ipv6
+def test_deny_closes_before_any_handler_runs(mpxd, handler):  # noqa: F811
+    d = start(mpxd, handler, "--deny", "::1")
+    assert not greeted("::1", d.port)
+    assert not greeted("::1", d.port)
+    assert greeted("127.0.0.1", d.port)
+    assert opens(d.port) == 2                     # the two from ::1 never reached it
+    d.wait_for(r"refused a connection from ::1: denied by --allow/--deny")
+    assert d.stop() == 0
+
+
+@needs_ipv6
+def test_allow_refuses_everything_else(mpxd, handler):  # noqa: F811
+    d = start(mpxd, handler, "--allow", "::1/128")
+    assert greeted("::1", d.port)
+    assert not greeted("127.0.0.1", d.port)
+    assert d.stop() == 0
+
+
+def test_more_specific_deny_inside_an_allowed_network(mpxd, handler):  # noqa: F811
+    d = start(mpxd, handler, "--deny", "127.0.0.1", "--allow", "127.0.0.0/8", "--allow", "::1")
+    assert not greeted("127.0.0.1", d.port)
+    if ipv6_loopback():
+        assert greeted("::1", d.port)
+    assert d.stop() == 0
+
+
+def test_max_per_ip_counts_each_address_and_frees_on_close(mpxd, handler):  # noqa: F811
+    d = start(mpxd, handler, "--max-per-ip", "2")
+    first = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+    second = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+    assert first.recv(100) == b"hello\n" and second.recv(100) == b"hello\n"
+    for _ in range(10):                           # a burst of refusals
+        assert not greeted("127.0.0.1", d.port)
+    if ipv6_loopback():
+        assert greeted("::1", d.port)             # another address has its own count
+    first.close()
+    assert wait_until(lambda: greeted("127.0.0.1", d.port))
+    d.wait_for(r"refused a connection from 127\.0\.0\.1: over --max-per-ip 2")
+    d.wait_for(r"refused \d+ more connections in the last 1s: \d+ over --max-per-ip 2; "
+               r"from 127\.0\.0\.1 \(\d+\)")
+    second.close()
+    assert d.stop() == 0
+
+
+def test_max_rate_reads_slowly_and_drops_nothing(mpxd, handler):  # noqa: F811
+    d = start(mpxd, handler, "--max-rate", "20")
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
+        f = sock.makefile("rwb")
+        assert f.readline() == b"hello\n"
+        began = time.monotonic()
+        f.write(b"".join(b"%d\n" % i for i in range(40)))
+        f.flush()
+        sock.shutdown(socket.SHUT_WR)             # EOF waits behind the held lines
+        answers = [f.readline() for _ in range(40)]
+        elapsed = time.monotonic() - began
+        assert answers == [b"%d\n" % i for i in range(40)]
+        assert f.readline() == b""                # then closed, after the last answer
+    # 20 in the first second's burst, 20 more at 20 per second: at least ~1s.
+    # A lower bound only: a slow machine can only make this take longer.
+    assert elapsed >= 0.8
+    d.wait_for(r"closed: eof, [\d.]+s, 40 requests")
+    assert d.stop() == 0

@@ -1,0 +1,266 @@
+"""mpxd.logs: log set-up, journald lines, reopening; and what the daemon logs.
+
+Unit tests configure the ``mpxd`` logger into a file or a StringIO; the
+command tests check ``--log-file``, ``--log-level``, the one INFO line per
+session (peer, id, reason, duration, requests, bytes) and journald output.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import signal
+import socket
+
+import pytest
+
+from conftest import HANDLERS, LineClient
+from mpxd.logs import JournalFormatter, setup_logging, stderr_is_journal
+from spawn import mpxd  # noqa: F401 - fixture
+
+COUNTER = os.path.join(HANDLERS, "counter.py")
+
+# One line per session close: "session ID PEER closed: REASON, DURATIONs,
+# N requests, N bytes in, N bytes out".
+CLOSE_LINE = (r"session {id} 127\.0\.0\.1:(\d+) closed: {reason}, (\d+\.\d{{3}})s, "
+              r"{requests} requests, {bytes_in} bytes in, {bytes_out} bytes out")
+
+SCRIPT = """\
+from mpxd import close_session
+
+def handle_request(s):
+    if s.request == "quit":
+        s.response = "bye"
+        close_session(s)
+    elif s.request == "boom":
+        raise ValueError("on purpose")
+    else:
+        s.response = s.request.upper()
+"""
+
+
+@pytest.fixture(autouse=True)
+def restore_mpxd_logger():
+    """Unit tests reconfigure the 'mpxd' logger; put it back afterwards."""
+    logger = logging.getLogger("mpxd")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def journal_env(monkeypatch, stream) -> None:
+    st = os.fstat(stream.fileno())
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+
+
+# ------------------------------------------------------------------ unit
+
+def test_journal_formatter_prefixes_every_line_with_the_priority():
+    formatter = JournalFormatter("%(message)s")
+    record = logging.LogRecord("mpxd", logging.ERROR, "x", 1, "first\nsecond", (), None)
+    assert formatter.format(record) == "<3>first\n<3>second"
+    for level, prefix in [(logging.DEBUG, "<7>"), (logging.INFO, "<6>"),
+                          (logging.WARNING, "<4>"), (logging.CRITICAL, "<2>")]:
+        record = logging.LogRecord("mpxd", level, "x", 1, "m", (), None)
+        assert formatter.format(record) == prefix + "m"
+
+
+def test_stderr_is_journal_compares_device_and_inode(tmp_path, monkeypatch):
+    with open(tmp_path / "a", "w") as a, open(tmp_path / "b", "w") as b:
+        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+        assert not stderr_is_journal(a)
+        journal_env(monkeypatch, a)
+        assert stderr_is_journal(a)
+        assert not stderr_is_journal(b)            # inherited, but not our stderr
+        monkeypatch.setenv("JOURNAL_STREAM", "junk")
+        assert not stderr_is_journal(a)
+        assert not stderr_is_journal(io.StringIO())
+
+
+def test_setup_logging_to_the_journal_has_no_timestamps(tmp_path, monkeypatch):
+    with open(tmp_path / "stderr", "w") as stream:
+        journal_env(monkeypatch, stream)
+        setup_logging("info", stream=stream)
+        log = logging.getLogger("mpxd")
+        log.info("hello")
+        log.debug("not shown")
+        log.warning("careful")
+    assert (tmp_path / "stderr").read_text() == "<6>hello\n<4>careful\n"
+
+
+def test_setup_logging_plain_lines_carry_time_pid_and_level(monkeypatch):
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    stream = io.StringIO()
+    setup_logging("debug", stream=stream)
+    logging.getLogger("mpxd").debug("detail %d", 7)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+                        rf"mpxd\[{os.getpid()}\] DEBUG detail 7\n", stream.getvalue())
+
+
+def test_log_file_handler_reopens_after_a_rename(tmp_path):
+    path = tmp_path / "mpxd.log"
+    handlers = setup_logging("info", log_file=str(path))
+    log = logging.getLogger("mpxd")
+    log.info("one")
+    os.rename(path, tmp_path / "mpxd.log.1")
+    log.info("two")
+    handlers[0].reopen()
+    log.info("three")
+    assert [line.split()[-1] for line in (tmp_path / "mpxd.log.1").read_text().splitlines()] \
+        == ["one", "two"]
+    assert path.read_text().split()[-1] == "three"
+
+
+def test_an_unopenable_log_file_raises_oserror(tmp_path):
+    with pytest.raises(OSError):
+        setup_logging("info", log_file=str(tmp_path / "no" / "dir" / "mpxd.log"))
+
+
+# ------------------------------------------------------------ the command
+
+def test_log_file_gets_the_lines_and_stderr_stays_quiet(mpxd, tmp_path):
+    log_file = tmp_path / "mpxd.log"
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", "--log-file", str(log_file), COUNTER],
+             log_file=log_file)
+    port = m.wait_listening()
+    client = LineClient(("127.0.0.1", port))
+    assert client.ask("4") == "4"
+    client.close()
+    m.wait_for(CLOSE_LINE.format(id=1, reason="eof", requests=1, bytes_in=2, bytes_out=2))
+    assert m.stop() == 0
+    assert m.stderr() == ""
+    assert log_file.read_text().splitlines()[-1].endswith("INFO stopped")
+
+
+def test_an_unopenable_log_file_exits_1(mpxd, tmp_path):
+    m = mpxd(["--port", "0", "--log-file", str(tmp_path / "no" / "mpxd.log"), COUNTER])
+    assert m.wait() == 1
+    assert f"Error: cannot open log file {tmp_path / 'no' / 'mpxd.log'}: " \
+           "No such file or directory" in m.stderr()
+
+
+def test_session_close_lines_name_peer_id_reason_duration_requests_bytes(
+        mpxd, tmp_path):
+    script = tmp_path / "handler.py"
+    script.write_text(SCRIPT)
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", "--idle-timeout", "0.3", str(script)])
+    port = m.wait_listening()
+    address = ("127.0.0.1", port)
+
+    eof = LineClient(address)
+    assert eof.ask("ab") == "AB"
+    eof.send("cd")                               # no LF: handled at EOF
+    eof.shutdown_write()
+    assert eof.read_all() == b"CD\n"
+    peer_port = eof.sock.getsockname()[1]
+    match = m.wait_for(CLOSE_LINE.format(id=1, reason="eof", requests=2,
+                                         bytes_in=5, bytes_out=6))
+    assert int(match.group(1)) == peer_port
+
+    quitter = LineClient(address)
+    assert quitter.ask("quit") == "bye"
+    m.wait_for(CLOSE_LINE.format(id=2, reason="close_session", requests=1,
+                                 bytes_in=5, bytes_out=4))
+
+    failing = LineClient(address)
+    failing.send_lines("boom")
+    assert failing.read_all() == b""
+    m.wait_for(r"handle_request failed for session 3 .* on request 'boom'")
+    m.wait_for(CLOSE_LINE.format(id=3, reason="error", requests=1, bytes_in=5,
+                                 bytes_out=0))
+
+    idle = LineClient(address)
+    assert idle.read_all() == b""
+    match = m.wait_for(CLOSE_LINE.format(id=4, reason="timeout", requests=0,
+                                         bytes_in=0, bytes_out=0))
+    assert float(match.group(2)) >= 0.3                 # the --idle-timeout
+
+    resetter = LineClient(address)
+    assert resetter.ask("x") == "X"
+    resetter.reset()
+    m.wait_for(CLOSE_LINE.format(id=5, reason="reset", requests=1,
+                                 bytes_in=2, bytes_out=2))
+
+    lingering = LineClient(address)
+    assert lingering.ask("y") == "Y"
+    m.signal(signal.SIGTERM)
+    assert m.wait() == 0
+    m.wait_for(CLOSE_LINE.format(id=6, reason="shutdown", requests=1, bytes_in=2,
+                                 bytes_out=2))
+    lingering.close()
+
+
+def test_log_level_warning_drops_info_lines(mpxd, tmp_path):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(10)
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", "--log-level", "warning", COUNTER],
+             env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+    status = notify.recv(4096).decode()             # READY=1, STATUS=listening on ...
+    notify.close()
+    port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", status).group(1))
+    client = LineClient(("127.0.0.1", port))
+    assert client.ask("1") == "1"
+    client.close()
+    assert m.stop() == 0
+    assert m.stderr() == ""                          # no listening, session, stopped
+
+
+def test_log_level_debug_shows_debug_lines(daemon):
+    d = daemon(COUNTER, "--log-level", "debug")
+    client = d.connect()
+    assert client.ask("1") == "1"
+    client.reset()
+    d.expect_log(r"DEBUG session 1 127\.0\.0\.1:\d+: Connection reset by peer")
+    assert d.stop() == 0
+
+
+def test_under_journald_lines_have_priorities_and_no_timestamps(mpxd, tmp_path):
+    script = tmp_path / "handler.py"
+    script.write_text(SCRIPT)
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", str(script)], journal=True)
+    port = m.wait_listening()
+    client = LineClient(("127.0.0.1", port))
+    client.send_lines("boom")
+    assert client.read_all() == b""
+    m.wait_for(r"<6>session 1 .* closed: error")
+    assert m.stop() == 0
+    lines = m.stderr().splitlines()
+    assert lines[0] == f"<6>listening on 127.0.0.1:{port}"
+    assert lines[-1] == "<6>stopped"
+    assert all(re.match(r"<[0-7]>", line) for line in lines), lines
+    traceback_lines = [line for line in lines if line.startswith("<3>")]
+    assert traceback_lines[0].startswith("<3>handle_request failed for session 1")
+    assert any("ValueError: on purpose" in line for line in traceback_lines)
+    assert not any(re.search(r"\d\d:\d\d:\d\d", line) for line in lines)
+
+
+def test_journal_stream_naming_another_file_is_ignored(mpxd, tmp_path):
+    """JOURNAL_STREAM is inherited: it counts only if it names our stderr."""
+    other = tmp_path / "other"
+    other.write_text("")
+    st = os.stat(other)
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", COUNTER],
+             env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    m.wait_listening()
+    assert m.stop() == 0
+    assert re.match(r"\d{4}-\d\d-\d\d .* INFO listening on", m.stderr())
+    assert "<6>" not in m.stderr()
+
+
+def test_syslog_option_starts_and_stops(mpxd, tmp_path):
+    """--syslog logs nothing to stderr (it goes to /dev/log or UDP 514)."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(10)
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", "--syslog", COUNTER],
+             env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+    assert notify.recv(4096).startswith(b"READY=1")
+    notify.close()
+    assert m.stop() == 0
+    assert m.stderr() == ""

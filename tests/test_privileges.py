@@ -1,0 +1,156 @@
+"""mpxd.privileges and ``--user``/``--group``: bind as root, then serve as the user.
+
+These tests need root (they are skipped otherwise).  The script lives in a
+directory of mode 0755 and is 0644, so that ``nobody`` can read it after the
+switch; the port is below 1024, so binding it proves it was bound as root.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import socket
+import tempfile
+
+import pytest
+
+from mpxd.privileges import PrivilegeError, drop_privileges
+from spawn import mpxd  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+NOBODY = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
+
+SCRIPT = """\
+import os
+
+def handle_request(s):
+    groups = ",".join(str(g) for g in sorted(os.getgroups()))
+    s.response = f"{os.getresuid()} {os.getresgid()} {groups} {os.environ.get('HOME')}"
+"""
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory under /tmp that ``nobody`` may read (pytest's tmp is 0700)."""
+    path = tempfile.mkdtemp(prefix="mpxd-test-")
+    os.chmod(path, 0o755)
+    with open(os.path.join(path, "handler.py"), "w") as f:
+        f.write(SCRIPT)
+    os.chmod(os.path.join(path, "handler.py"), 0o644)
+    yield path
+    shutil.rmtree(path)
+
+
+def free_privileged_port() -> int:
+    """A port below 1024 nothing listens on (tests otherwise use port 0: above 1024)."""
+    for port in range(1023, 900, -1):
+        probe = socket.socket()
+        try:
+            probe.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            probe.close()
+    pytest.skip("no free port below 1024")
+
+
+def ask(port: int, line: str) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(line.encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    return data.decode().rstrip("\n")
+
+
+def proc_ids(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return {key: " ".join(fields[key].split()) for key in ("Uid", "Gid", "Groups")}
+
+
+def in_child(fn) -> int:
+    """Run ``fn`` in a forked child; its exit status (0: returned, 1: raised)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fn()
+        except BaseException:   # noqa: BLE001 - the status says it
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_user_binds_a_privileged_port_then_serves_as_that_user(mpxd, shared_dir):
+    port = free_privileged_port()
+    pidfile = os.path.join(shared_dir, "mpxd.pid")
+    m = mpxd(["--port", str(port), "--host", "127.0.0.1", "--user", "nobody",
+              "--pidfile", pidfile, os.path.join(shared_dir, "handler.py")])
+    assert m.wait_listening() == port
+    uid, gid = NOBODY.pw_uid, NOBODY.pw_gid
+    assert ask(port, "who") == (f"({uid}, {uid}, {uid}) ({gid}, {gid}, {gid}) "
+                                f"{gid} {NOBODY.pw_dir}")
+    assert proc_ids(m.pid) == {"Uid": f"{uid} {uid} {uid} {uid}",
+                               "Gid": f"{gid} {gid} {gid} {gid}", "Groups": str(gid)}
+    with open(pidfile) as f:
+        assert f.read() == f"{m.pid}\n"
+    assert m.stop() == 0
+    # nobody cannot remove a file from a root-owned directory: emptied instead
+    with open(pidfile) as f:
+        assert f.read() == ""
+
+
+def test_group_alone_changes_only_the_groups(mpxd, shared_dir):
+    group = grp.getgrgid(NOBODY.pw_gid).gr_name        # nogroup or nobody
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", "--group", group,
+              os.path.join(shared_dir, "handler.py")])
+    port = m.wait_listening()
+    gid = NOBODY.pw_gid
+    assert ask(port, "who").startswith(f"(0, 0, 0) ({gid}, {gid}, {gid}) {gid} ")
+    assert m.stop() == 0
+
+
+def test_unknown_user_exits_1_before_serving(mpxd, shared_dir):
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", "--user", "no-such-user-mpxd",
+              os.path.join(shared_dir, "handler.py")])
+    assert m.wait() == 1
+    assert "unknown user 'no-such-user-mpxd'" in m.stderr()
+    assert "listening on" not in m.stderr()
+
+
+def test_unknown_group_exits_1(mpxd, shared_dir):
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", "--user", "nobody",
+              "--group", "no-such-group-mpxd", os.path.join(shared_dir, "handler.py")])
+    assert m.wait() == 1
+    assert "unknown group 'no-such-group-mpxd'" in m.stderr()
+
+
+def test_numeric_ids_are_accepted():
+    def become_numeric_nobody():
+        drop_privileges(str(NOBODY.pw_uid), str(NOBODY.pw_gid))
+        assert os.getresuid() == (NOBODY.pw_uid,) * 3
+    assert in_child(become_numeric_nobody) == 0
+
+
+def test_switching_without_root_is_an_error_naming_the_cause():
+    def drop_then_ask_for_root():
+        os.setresgid(NOBODY.pw_gid, NOBODY.pw_gid, NOBODY.pw_gid)
+        os.setresuid(NOBODY.pw_uid, NOBODY.pw_uid, NOBODY.pw_uid)
+        with pytest.raises(PrivilegeError, match="mpxd is not running as root"):
+            drop_privileges("root", None)
+    assert in_child(drop_then_ask_for_root) == 0
+
+
+def test_asking_for_the_user_we_already_are_is_fine():
+    def already_nobody():
+        os.setgroups([NOBODY.pw_gid])
+        os.setresgid(NOBODY.pw_gid, NOBODY.pw_gid, NOBODY.pw_gid)
+        os.setresuid(NOBODY.pw_uid, NOBODY.pw_uid, NOBODY.pw_uid)
+        drop_privileges("nobody", None)
+    assert in_child(already_nobody) == 0

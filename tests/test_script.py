@@ -1,0 +1,261 @@
+"""mpxd.script.load_script and the mpxd command line (mpxd.cli.main).
+
+Each kind of broken script must give one line naming the file and the cause;
+``mpxd --check`` turns that into exit status 0 or 1.  The command line's own
+errors follow click: usage errors exit 2, a taken port exits 1.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+
+import pytest
+from click.testing import CliRunner
+
+import mpxd
+from mpxd.cli import main
+from mpxd.script import ScriptError, load_script
+
+from conftest import HANDLERS, MPXD, ROOT
+
+COUNTER = os.path.join(HANDLERS, "counter.py")
+
+
+def load_error(path: str) -> str:
+    with pytest.raises(ScriptError) as info:
+        load_script(path)
+    message = str(info.value)
+    assert "\n" not in message, "one line, no traceback"
+    assert os.path.abspath(path) in message, "names the file"
+    return message
+
+
+# ------------------------------------------------------------ load_script
+
+def test_a_good_script_gives_its_handlers(write_script):
+    path = write_script("""
+        opened = []
+        def handle_open(s): opened.append(s)
+        def handle_request(s): s.response = s.request.upper()
+    """)
+    handlers = load_script(path)
+    assert handlers.path == path
+    assert handlers.handle_open is handlers.module.handle_open
+    assert handlers.handle_close is None
+
+    class Fake:
+        request = "hi"
+        response = ""
+    s = Fake()
+    handlers.handle_request(s)
+    assert s.response == "HI"
+
+
+def test_each_load_is_a_fresh_module_under_a_private_name(write_script):
+    path = write_script("state = []\ndef handle_request(s): state.append(1)\n")
+    first, second = load_script(path), load_script(path)
+    assert first.module is not second.module
+    assert first.module.state is not second.module.state
+    assert first.module.__name__ != second.module.__name__
+    assert first.module.__name__.startswith("_mpxd")
+
+
+def test_the_example_counter_loads():
+    handlers = load_script(COUNTER)
+    assert callable(handlers.handle_request) and callable(handlers.handle_close)
+
+
+def test_a_missing_file(tmp_path):
+    assert "no such file" in load_error(str(tmp_path / "absent.py"))
+
+
+def test_a_directory(tmp_path):
+    assert "directory" in load_error(str(tmp_path))
+
+
+def test_a_syntax_error_names_the_line(write_script):
+    path = write_script("def handle_request(s):\n    pass\n\ndef broken(:\n")
+    message = load_error(path)
+    assert "syntax error" in message and "line 4" in message
+
+
+def test_an_indentation_error_names_the_line(write_script):
+    message = load_error(write_script("def handle_request(s):\npass\n"))
+    assert "line 2" in message
+
+
+def test_an_exception_at_import_names_the_line_and_the_exception(write_script):
+    path = write_script("x = 1\n\nvalue = {}['missing']\n\ndef handle_request(s): pass\n")
+    message = load_error(path)
+    assert "line 3" in message
+    assert "KeyError" in message and "missing" in message
+
+
+def test_an_exception_raised_inside_a_function_called_at_import(write_script):
+    path = write_script("def setup():\n    raise RuntimeError('no database')\n\n"
+                        "setup()\ndef handle_request(s): pass\n")
+    message = load_error(path)
+    assert "RuntimeError: no database" in message
+    assert "line 2" in message
+
+
+def test_a_failing_import_names_the_module(write_script):
+    message = load_error(write_script("import no_such_module_for_mpxd\n"
+                                      "def handle_request(s): pass\n"))
+    assert "no_such_module_for_mpxd" in message and "line 1" in message
+
+
+def test_a_missing_handle_request(write_script):
+    message = load_error(write_script("def handle_close(s): pass\n"))
+    assert "handle_request" in message
+
+
+@pytest.mark.parametrize("name", ["handle_request", "handle_close", "handle_open"])
+def test_a_handler_that_is_not_callable(write_script, name):
+    source = "def handle_request(s): pass\n" if name != "handle_request" else ""
+    message = load_error(write_script(source + f"{name} = 42\n"))
+    assert name in message and "not callable" in message
+
+
+def test_sys_exit_at_import(write_script):
+    message = load_error(write_script("import sys\nsys.exit(3)\n"
+                                      "def handle_request(s): pass\n"))
+    assert "exit" in message and "3" in message
+
+
+def test_a_failed_load_leaves_no_module_behind(write_script):
+    path = write_script("raise ValueError('nope')\n")
+    before = {name for name in sys.modules if name.startswith("_mpxd")}
+    load_error(path)
+    assert {name for name in sys.modules if name.startswith("_mpxd")} == before
+
+
+def test_a_helper_module_beside_the_script_is_importable(tmp_path, write_script):
+    helper = f"mpxd_test_helper_{uuid.uuid4().hex}"
+    (tmp_path / f"{helper}.py").write_text("def shout(text):\n    return text.upper() + '!'\n")
+    path = write_script(f"from {helper} import shout\n"
+                        "def handle_request(s):\n    s.response = shout(s.request)\n")
+
+    class Fake:
+        request = "hey"
+        response = ""
+    s = Fake()
+    load_script(path).handle_request(s)
+    assert s.response == "HEY!"
+
+
+# ------------------------------------------------------------------ --check
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_check_accepts_a_good_script():
+    result = run_cli("--check", COUNTER)
+    assert result.exit_code == 0, result.output
+    assert COUNTER in result.output and "ok" in result.output
+
+
+def test_check_rejects_a_broken_script_naming_the_file(write_script):
+    path = write_script("def handle_request(s):\n    return (\n")
+    result = run_cli("--check", path)
+    assert result.exit_code == 1
+    assert path in result.output and "line" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_check_rejects_a_missing_file(tmp_path):
+    path = str(tmp_path / "nope.py")
+    result = run_cli("--check", path)
+    assert result.exit_code == 1
+    assert path in result.output
+
+
+def test_check_as_a_real_command(write_script):
+    good = subprocess.run([*MPXD, "--check", COUNTER], capture_output=True,
+                          text=True, timeout=30, cwd=ROOT)
+    assert good.returncode == 0, good.stderr
+    bad_path = write_script("def handle_request(s) pass\n", name="bad.py")
+    bad = subprocess.run([*MPXD, "--check", bad_path], capture_output=True,
+                         text=True, timeout=30, cwd=ROOT)
+    assert bad.returncode == 1
+    assert bad_path in bad.stderr and "syntax error at line 1" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_a_broken_script_stops_start_up_with_exit_1(write_script):
+    path = write_script("raise SystemError('broken on purpose')\n")
+    result = subprocess.run([*MPXD, "--port", "0", "--host", "127.0.0.1", path],
+                            capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert result.returncode == 1
+    assert path in result.stderr and "broken on purpose" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "listening on" not in result.stderr
+
+
+# -------------------------------------------------------------- the command
+
+@pytest.mark.parametrize("args", [
+    ["--port", "70000"], ["--port", "http"], ["--eol", "cr"], ["--poller", "kqueue"],
+    ["--max-line", "0"], ["--idle-timeout", "-1"], ["--no-such-option"],
+])
+def test_a_bad_option_value_is_a_usage_error(args):
+    result = run_cli(*args, COUNTER)
+    assert result.exit_code == 2, result.output
+    assert "Usage:" in result.output or "Error" in result.output
+
+
+def test_no_port_is_a_usage_error(monkeypatch):
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    monkeypatch.delenv("MPXD_PORT", raising=False)
+    result = run_cli(COUNTER)
+    assert result.exit_code == 2
+    assert "--port" in result.output
+
+
+def test_no_script_is_a_usage_error():
+    assert run_cli("--port", "0").exit_code == 2
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.exit_code == 0
+    assert mpxd.__version__ in result.output and "mpxd" in result.output
+
+
+def test_help_lists_the_options():
+    result = run_cli("--help")
+    assert result.exit_code == 0
+    for option in ("--port", "--host", "--eol", "--poller", "--check", "--max-line",
+                   "--max-output", "--max-connections", "--idle-timeout", "--version"):
+        assert option in result.output
+    assert result.output.startswith("Usage:")
+
+
+def test_options_can_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MPXD_EOL", "cr")
+    assert run_cli("--port", "0", COUNTER).exit_code == 2   # read, and rejected
+
+
+def test_a_port_in_use_exits_1_naming_address_and_port():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*MPXD, "--port", str(port), "--host", "127.0.0.1", COUNTER],
+            capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port}" in result.stderr
+    assert "in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_python_dash_m_mpxd_is_the_same_command():
+    result = subprocess.run([*MPXD, "--version"], capture_output=True, text=True,
+                            timeout=30, cwd=ROOT)
+    assert result.returncode == 0 and mpxd.__version__ in result.stdout

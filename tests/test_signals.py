@@ -1,0 +1,361 @@
+"""mpxd.signals and the loop's signal handling: TERM/INT drain, HUP reload, USR1.
+
+The ``Wakeup`` tests use real signals sent to this process and a real
+socketpair.  The rest run the real ``mpxd`` command: a handler script records
+every ``handle_close`` to a file, so the tests can check that a shutdown
+called it for every session, however it ended.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import threading
+
+import pexpect
+import pytest
+
+from conftest import wait_until
+from mpxd.signals import Wakeup
+from spawn import mpxd  # noqa: F401 - fixture
+
+# VERSION is what HUP tests change; s.handle counts this session's requests.
+SCRIPT = """\
+VERSION = "v1"
+CALLS = {calls!r}
+
+
+def record(*words):
+    with open(CALLS, "a") as f:
+        f.write(" ".join(str(w) for w in words) + "\\n")
+
+
+def handle_open(s):
+    record("open", s.id)
+
+
+def handle_request(s):
+    s.handle = (s.handle or 0) + 1
+    words = s.request.split()
+    if words and words[0] == "big":       # "big N": N lines of 99 bytes
+        s.response = "\\n".join(["y" * 99] * int(words[1]))
+        record("big", s.id)
+    else:
+        s.response = f"{{VERSION}} {{s.handle}} {{s.request}}"
+
+
+def handle_close(s):
+    record("close", s.id)
+"""
+
+BIG_LINES = 160_000                 # 16 MB of output: far more than socket buffers
+
+
+def calls(path) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.read().split("\n")[:-1]
+    except FileNotFoundError:
+        return []
+
+
+def exit_status(d, timeout: float = 10) -> int:
+    """Wait for the pexpect-run daemon to exit by itself; its exit status."""
+    d.child.expect(pexpect.EOF, timeout=timeout)
+    d.child.close()
+    return d.child.exitstatus
+
+
+def slow_reader(port: int) -> socket.socket:
+    """A client with a tiny receive buffer, so that mpxd has to queue its output."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def receive_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.fixture
+def recording(tmp_path):
+    """(script path, calls file path) for the recording handler."""
+    calls_path = tmp_path / "calls"
+    script = tmp_path / "handler.py"
+    script.write_text(SCRIPT.format(calls=str(calls_path)))
+    return str(script), calls_path
+
+
+# ------------------------------------------------------------------ Wakeup
+
+def test_wakeup_records_a_signal_and_becomes_readable():
+    wakeup = Wakeup()
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        wakeup.install((signal.SIGUSR1,))
+        wakeup.install((signal.SIGUSR1,))          # a second install is a no-op
+        os.kill(os.getpid(), signal.SIGUSR1)
+        readable, _, _ = select.select([wakeup.fileno()], [], [], 5)
+        assert readable == [wakeup.fileno()]
+        assert wakeup.drain() == [signal.SIGUSR1]
+        assert wakeup.drain() == []
+        readable, _, _ = select.select([wakeup.fileno()], [], [], 0)
+        assert readable == []
+    finally:
+        wakeup.close()
+    assert signal.getsignal(signal.SIGUSR1) == previous
+
+
+def test_wakeup_wake_from_a_thread_records_no_signal():
+    wakeup = Wakeup()
+    try:
+        thread = threading.Thread(target=wakeup.wake)
+        thread.start()
+        thread.join()
+        readable, _, _ = select.select([wakeup.fileno()], [], [], 5)
+        assert readable == [wakeup.fileno()]
+        assert wakeup.drain() == []
+    finally:
+        wakeup.close()
+
+
+def test_wakeup_uninstall_restores_the_previous_wakeup_fd():
+    wakeup = Wakeup()
+    wakeup.install((signal.SIGUSR2,))
+    wakeup.close()
+    assert signal.set_wakeup_fd(-1) == -1      # nothing left installed
+
+
+# ---------------------------------------------------------------- TERM/INT
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_closes_every_session_removes_pidfile_exits_0(
+        daemon, recording, tmp_path, signum):
+    script, calls_path = recording
+    pidfile = tmp_path / "mpxd.pid"
+    d = daemon(script, "--pidfile", str(pidfile))
+    clients = [d.connect() for _ in range(3)]
+    assert clients[0].ask("hello") == "v1 1 hello"
+    assert clients[1].ask("a") == "v1 1 a"
+    assert clients[1].ask("b") == "v1 2 b"
+    assert wait_until(lambda: len(calls(calls_path)) == 3)   # all three accepted
+    d.signal(signum)
+    d.expect_log(r"shutting down: 3 sessions")
+    for client in clients:
+        assert client.read_all() == b""            # closed by the server
+    assert exit_status(d) == 0
+    assert sorted(calls(calls_path)) == ["close 1", "close 2", "close 3",
+                                         "open 1", "open 2", "open 3"]
+    assert not pidfile.exists()
+
+
+def test_term_writes_queued_output_before_closing(daemon, recording):
+    script, calls_path = recording
+    d = daemon(script, "--drain-timeout", "60")
+    sock = slow_reader(d.port)
+    sock.sendall(f"big {BIG_LINES}\n".encode())
+    assert wait_until(lambda: "big 1" in calls(calls_path))
+    d.signal(signal.SIGTERM)
+    d.expect_log(r"shutting down: 1 sessions")
+    data = receive_all(sock)
+    assert len(data) == BIG_LINES * 100
+    assert data == (b"y" * 99 + b"\n") * BIG_LINES
+    d.expect_log(r"session 1 \S+ closed: shutdown")
+    assert exit_status(d) == 0
+    assert calls(calls_path)[-1] == "close 1"
+
+
+def test_second_term_during_drain_ends_it_at_once(daemon, recording):
+    script, calls_path = recording
+    d = daemon(script, "--drain-timeout", "600")
+    sock = slow_reader(d.port)
+    sock.sendall(f"big {BIG_LINES}\n".encode())
+    assert wait_until(lambda: "big 1" in calls(calls_path))
+    d.signal(signal.SIGTERM)
+    d.expect_log(r"shutting down: 1 sessions")
+    assert d.child.isalive()                      # the client reads nothing: draining
+    d.signal(signal.SIGTERM)
+    d.expect_log(r"second stop signal: closing 1 sessions now")
+    assert exit_status(d) == 0                    # long before the 600 s drain timeout
+    assert calls(calls_path) == ["open 1", "big 1", "close 1"]
+    assert len(receive_all_or_reset(sock)) < BIG_LINES * 100
+
+
+def test_drain_timeout_bounds_the_drain(daemon, recording):
+    script, calls_path = recording
+    d = daemon(script, "--drain-timeout", "0.5")
+    sock = slow_reader(d.port)
+    sock.sendall(f"big {BIG_LINES}\n".encode())
+    assert wait_until(lambda: "big 1" in calls(calls_path))
+    d.signal(signal.SIGINT)
+    d.expect_log(r"shutting down: 1 sessions to drain \(at most 0.5s\)")
+    d.expect_log(r"drain timeout: closing 1 sessions with output unsent")
+    assert exit_status(d) == 0
+    assert calls(calls_path) == ["open 1", "big 1", "close 1"]
+    sock.close()
+
+
+def receive_all_or_reset(sock: socket.socket) -> bytes:
+    """What arrives until EOF, or until the server's reset (it dropped output)."""
+    chunks = []
+    try:
+        while chunk := sock.recv(1 << 20):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def test_term_stops_accepting_new_connections(daemon, recording):
+    script, _calls = recording
+    d = daemon(script, "--drain-timeout", "60")
+    sock = slow_reader(d.port)
+    sock.sendall(f"big {BIG_LINES}\n".encode())
+    assert sock.recv(1)                          # handled; output is queued
+    d.signal(signal.SIGTERM)
+    d.expect_log(r"shutting down")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(d.address, timeout=5)
+    sock.close()
+    assert exit_status(d) == 0
+
+
+# --------------------------------------------------------------------- HUP
+
+def rewrite_same_size_and_time(path: str, old: str, new: str) -> None:
+    """Change ``path`` to a text of the same size with the same mtime.
+
+    A loader that trusted cached bytecode (keyed on size and mtime) would
+    keep running the old version.
+    """
+    assert len(old) == len(new)
+    before = os.stat(path)
+    with open(path) as f:
+        text = f.read()
+    assert old in text
+    with open(path, "w") as f:
+        f.write(text.replace(old, new))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_hup_swaps_in_a_good_script_and_sessions_keep_their_handle(daemon, recording):
+    script, _calls = recording
+    d = daemon(script)
+    old = d.connect()
+    assert old.ask("a") == "v1 1 a"
+    rewrite_same_size_and_time(script, '"v1"', '"v2"')
+    d.signal(signal.SIGHUP)
+    d.expect_log(r"reloaded .*handler\.py")
+    assert old.ask("b") == "v2 2 b"             # same session, same s.handle
+    new = d.connect()
+    assert new.ask("c") == "v2 1 c"
+    assert d.stop() == 0
+
+
+BROKEN_VERSIONS = {
+    "syntax error": ("def handle_request(s)\n    pass\n", r"syntax error at line 1"),
+    "exception at import": ("raise RuntimeError('nope')\n", r"RuntimeError: nope"),
+    "no handle_request": ("def handle_close(s):\n    pass\n", r"does not define handle_request"),
+}
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN_VERSIONS))
+def test_hup_with_a_broken_script_keeps_the_old_one_serving(daemon, recording, broken):
+    script, _calls = recording
+    good = open(script).read()
+    source, error = BROKEN_VERSIONS[broken]
+    d = daemon(script)
+    client = d.connect()
+    assert client.ask("a") == "v1 1 a"
+    with open(script, "w") as f:
+        f.write(source)
+    d.signal(signal.SIGHUP)
+    d.expect_log(r"reload failed, still serving the previous version: .*handler\.py: .*"
+                 + error)
+    assert client.ask("b") == "v1 2 b"
+    assert d.connect().ask("c") == "v1 1 c"
+    with open(script, "w") as f:                 # fixed: the next HUP takes it
+        f.write(good.replace('"v1"', '"v3"'))
+    d.signal(signal.SIGHUP)
+    d.expect_log(r"reloaded")
+    assert client.ask("d") == "v3 3 d"
+    assert d.stop() == 0
+
+
+def test_hup_during_drain_is_ignored(daemon, recording):
+    script, calls_path = recording
+    d = daemon(script, "--drain-timeout", "60")
+    sock = slow_reader(d.port)
+    sock.sendall(f"big {BIG_LINES}\n".encode())
+    assert wait_until(lambda: "big 1" in calls(calls_path))
+    d.signal(signal.SIGTERM)
+    d.expect_log(r"shutting down")
+    d.signal(signal.SIGHUP)
+    d.expect_log(r"not reloading .*: shutting down")
+    assert len(receive_all(sock)) == BIG_LINES * 100
+    assert exit_status(d) == 0
+
+
+# -------------------------------------------------------------------- USR1
+
+def test_usr1_reopens_a_renamed_log_file(mpxd, recording, tmp_path):
+    script, _calls = recording
+    log_file = tmp_path / "mpxd.log"
+    rotated = tmp_path / "mpxd.log.1"
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", "--log-file", "mpxd.log", script],
+             log_file=log_file, cwd=str(tmp_path))
+    port = m.wait_listening()
+    os.rename(log_file, rotated)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"before\n")
+        assert sock.recv(100) == b"v1 1 before\n"
+    assert wait_until(lambda: "session 1" in rotated.read_text())  # still the old file
+    m.signal(signal.SIGUSR1)
+    assert wait_until(lambda: log_file.exists() and "reopened" in log_file.read_text())
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"after\n")
+        assert sock.recv(100) == b"v1 1 after\n"
+    assert m.stop() == 0
+    new_lines = log_file.read_text()
+    old_lines = rotated.read_text()
+    assert f"log file {log_file} reopened" in new_lines
+    assert "session 2" in new_lines and "stopped" in new_lines
+    assert "session 2" not in old_lines and "reopened" not in old_lines
+    assert "listening on" in old_lines and "listening on" not in new_lines
+    assert m.stderr() == ""
+
+
+def test_usr1_when_the_new_file_cannot_be_created_keeps_logging(mpxd, recording, tmp_path):
+    script, _calls = recording
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    log_file = log_dir / "mpxd.log"
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", "--log-file", str(log_file), script],
+             log_file=log_file)
+    m.wait_listening()
+    rotated = tmp_path / "mpxd.log.1"
+    os.rename(log_file, rotated)
+    log_dir.rmdir()                               # nowhere to create the new file
+    m.signal(signal.SIGUSR1)
+    assert wait_until(lambda: "cannot reopen log file" in rotated.read_text())
+    assert m.proc.poll() is None                  # still serving
+    assert m.stop() == 0
+    assert "stopped" in rotated.read_text()
+
+
+def test_usr1_without_a_log_file_is_harmless(daemon, recording):
+    script, _calls = recording
+    d = daemon(script)
+    d.signal(signal.SIGUSR1)
+    d.expect_log(r"no log file to reopen")
+    assert d.connect().ask("x") == "v1 1 x"
+    assert d.stop() == 0

@@ -1,0 +1,745 @@
+"""mpxd.testing: the Harness (fake edge, fake clock) and the pytest plugin's fixtures."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from mpxd import core as core_module
+from mpxd.script import ScriptError
+from mpxd.testing import Harness, cli_args, make_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COUNTER = os.path.join(ROOT, "handlers", "counter.py")
+
+ECHO = """
+def handle_request(s):
+    s.response = s.request
+"""
+
+# Records every handle_close so tests can count calls per session.
+LIFECYCLE = """
+from mpxd import close_session, send_response
+
+closed = []
+stopped = []
+
+
+def handle_open(s):
+    s.handle = {"n": 0}
+    s.response = f"hello {s.peer[0]}"
+
+
+def handle_request(s):
+    s.handle["n"] += 1
+    if s.request == "quit":
+        s.response = "bye"
+        close_session(s)
+    elif s.request == "boom":
+        s.response = "never sent"
+        raise ValueError("boom on purpose")
+    elif s.request == "half":
+        s.response = "sent before the error"
+        send_response(s)
+        raise ValueError("after a send")
+    else:
+        s.response = f"{s.handle['n']}:{s.request}"
+
+
+def handle_close(s):
+    closed.append((s.id, s.handle["n"] if s.handle else None))
+
+
+def on_stop(core):
+    stopped.append(True)
+"""
+
+
+@pytest.fixture
+def harness(write_script):
+    """Factory for harnesses of inline scripts; closes them after the test."""
+    made = []
+
+    def make(source: str, name: str = "handler.py", **options) -> Harness:
+        h = Harness(write_script(source, name), **options)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+# ------------------------------------------------------------- requests
+
+
+def test_counter_answers_each_line_through_the_fixture(mpxd_harness):
+    c = mpxd_harness(COUNTER).connect()
+    assert c.send("2") == ["2"]
+    assert c.send("3") == ["5"]
+    assert c.send(["1", "x", "4 global"]) == ["6", "0", "4"]
+
+
+def test_counter_sessions_have_own_state_and_share_globals(mpxd_harness):
+    h = mpxd_harness(COUNTER)
+    a, b = h.connect(), h.connect()
+    assert a.send("5") == ["5"]
+    assert b.send("1") == ["1"]
+    assert a.send("2 global") == ["2"]
+    assert b.send("3 global") == ["5"]
+    assert h.module.global_counter == 5
+    assert [s.id for s in h.sessions] == [a.session.id, b.session.id]
+
+
+def test_raw_bytes_with_partial_lines_go_through_the_framing(harness):
+    c = harness(ECHO).connect()
+    assert c.send(b"ab") == []
+    assert c.send(b"c\nde") == ["abc"]
+    assert c.send(b"\r\n") == ["de"]
+    assert c.send(b"x\ry\n") == ["x\ry"]
+    assert c.received() == ["abc", "de", "x\ry"]
+
+
+def test_invalid_utf8_round_trips(harness):
+    c = harness(ECHO).connect()
+    c.send(b"\xff\xfecaf\xc3\xa9\n")
+    assert c.output == b"\xff\xfecaf\xc3\xa9\n"
+    assert c.received() == ["\udcff\udcfecaf\u00e9"]
+
+
+def test_new_returns_only_lines_not_yet_returned(harness):
+    h = harness("""
+from mpxd import call_later, send_response
+
+def handle_request(s):
+    s.response = "now"
+    def later():
+        s.response = "later"
+        send_response(s)
+    call_later(1, later)
+""")
+    c = h.connect()
+    assert c.send("x") == ["now"]
+    assert c.new() == []
+    h.advance(1)
+    assert c.new() == ["later"]
+    assert c.new() == []
+    assert c.received() == ["now", "later"]
+
+
+def test_final_line_without_lf_is_handled_at_eof(harness):
+    c = harness(ECHO).connect()
+    assert c.send(b"one\ntwo") == ["one"]
+    assert c.close() == ["two"]
+    assert c.closed and c.close_reason == "eof"
+
+
+def test_embedded_newlines_make_several_lines_and_empty_sends_nothing(harness):
+    c = harness("""
+def handle_request(s):
+    s.response = {"two": "a\\nb\\n", "none": ""}.get(s.request, s.request)
+""").connect()
+    assert c.send(["two", "none", "x"]) == ["a", "b", "x"]
+    assert c.output == b"a\nb\nx\n"
+
+
+def test_crlf_eol_on_output_and_crlf_input(harness):
+    c = harness("""
+def handle_request(s):
+    s.response = s.request + "\\n" + s.request.upper()
+""", eol="crlf").connect()
+    assert c.send(b"ab\r\n") == ["ab", "AB"]
+    assert c.output == b"ab\r\nAB\r\n"
+
+
+# ---------------------------------------------------------- session life
+
+
+def test_greeting_from_handle_open_comes_first(harness):
+    h = harness(LIFECYCLE)
+    c = h.connect(peer=("203.0.113.5", 4242))
+    assert c.peer == ("203.0.113.5", 4242)
+    assert c.new() == ["hello 203.0.113.5"]
+    assert c.send("a") == ["1:a"]
+    assert c.received() == ["hello 203.0.113.5", "1:a"]
+
+
+def test_send_returns_its_own_answers_and_new_the_rest(harness):
+    h = harness(LIFECYCLE)
+    c = h.connect()
+    assert c.send("a") == ["1:a"]            # not the greeting that came before
+    assert c.new() == ["hello 127.0.0.1"]
+    assert c.send("b") == ["2:b"]
+    assert c.new() == []
+
+
+def test_connect_can_present_a_tls_client_identity(harness):
+    h = harness("""
+def handle_open(s):
+    s.response = f"hello {s.tls_peer}"
+
+def handle_request(s):
+    pass
+""")
+    assert h.connect(tls_peer="CN=alice").new() == ["hello CN=alice"]
+    assert h.connect().new() == ["hello None"]
+
+
+def test_close_session_writes_queued_output_and_drops_later_lines(harness):
+    h = harness(LIFECYCLE)
+    c = h.connect()
+    c.new()
+    assert c.send(["a", "quit", "b"]) == ["1:a", "bye"]
+    assert c.closed and c.close_reason == "close_session"
+    assert h.module.closed == [(c.session.id, 2)]
+    assert c.session.closed
+    with pytest.raises(BrokenPipeError):
+        c.send("c")
+
+
+def test_handler_exception_closes_that_session_only(harness):
+    h = harness(LIFECYCLE)
+    bad, good = h.connect(), h.connect()
+    assert bad.send(["a", "boom", "b"]) == ["1:a"]
+    assert bad.closed and bad.close_reason == "error"
+    [(where, session, exc)] = h.errors
+    assert where == "handle_request" and session is bad.session
+    assert isinstance(exc, ValueError) and str(exc) == "boom on purpose"
+    good.new()
+    assert good.send("still here") == ["1:still here"]
+    assert not good.closed
+
+
+def test_output_sent_before_an_exception_is_still_written(harness):
+    h = harness(LIFECYCLE)
+    c = h.connect()
+    c.new()
+    assert c.send("half") == ["sent before the error"]
+    assert c.closed and len(h.errors) == 1
+
+
+def test_exception_in_handle_open_closes_the_session(harness):
+    h = harness("""
+def handle_open(s):
+    raise RuntimeError("no greeting")
+
+def handle_request(s):
+    s.response = "unreachable"
+""")
+    c = h.connect()
+    assert c.closed and c.close_reason == "error"
+    assert [e[0] for e in h.errors] == ["handle_open"]
+
+
+def test_peer_reset_drops_output_and_calls_handle_close_once(harness):
+    h = harness(LIFECYCLE)
+    c = h.connect()
+    c.send("a")
+    c.reset()
+    assert c.closed and c.close_reason == "reset"
+    assert h.module.closed == [(c.session.id, 1)]
+    with pytest.raises(BrokenPipeError):
+        c.close()
+
+
+def test_eof_without_requests_still_calls_handle_close(harness):
+    h = harness(LIFECYCLE)
+    c = h.connect()
+    assert c.close() == []
+    assert c.new() == ["hello 127.0.0.1"]
+    assert h.module.closed == [(c.session.id, 0)]
+
+
+def test_close_shuts_down_every_session_and_runs_on_stop(write_script):
+    h = Harness(write_script(LIFECYCLE))
+    a, b = h.connect(), h.connect()
+    a.send("x")
+    h.close()
+    assert a.closed and b.closed
+    assert {a.close_reason, b.close_reason} == {"shutdown"}
+    assert sorted(h.module.closed) == [(a.session.id, 1), (b.session.id, 0)]
+    assert h.module.stopped == [True]
+    h.close()                                   # idempotent
+    with pytest.raises(RuntimeError):
+        h.connect()
+
+
+# ------------------------------------------------------------- framing limits
+
+
+def test_line_too_long_gets_an_error_line_and_closes(harness):
+    c = harness(ECHO, max_line=8).connect()
+    assert c.send(b"12345678\n123456789\nnext\n") == ["12345678", "ERROR line too long"]
+    assert c.closed and c.close_reason == "line too long"
+
+
+def test_unterminated_line_past_max_line_is_refused_without_waiting_for_lf(harness):
+    c = harness(ECHO, max_line=8).connect()
+    assert c.send(b"1234") == []
+    assert c.send(b"56789") == ["ERROR line too long"]
+    assert c.closed
+
+
+# --------------------------------------------------------------- timers
+
+
+TIMERS = """
+from mpxd import call_every, call_later, send_response
+
+events = []
+
+
+def handle_request(s):
+    if s.request == "start":
+        s.handle = call_every(1, tick, s)
+        call_later(2.5, note, s, "half")
+    elif s.request == "stop":
+        s.handle.cancel()
+    elif s.request == "chain":
+        call_later(1, lambda: call_later(1, note, s, "chained"))
+
+
+def tick(s):
+    events.append("tick")
+    s.response = "tick"
+    send_response(s)
+
+
+def note(s, what):
+    events.append(what)
+    s.response = what
+    send_response(s)
+"""
+
+
+def test_advance_fires_timers_in_order_each_at_its_own_time(harness):
+    h = harness(TIMERS)
+    c = h.connect()
+    c.send("start")
+    h.advance(0.5)
+    assert c.new() == []
+    h.advance(3)
+    assert c.new() == ["tick", "tick", "half", "tick"]
+    assert h.now == 3.5
+    c.send("stop")
+    h.advance(10)
+    assert c.new() == []
+
+
+def test_timers_scheduled_by_timers_fire_within_one_advance(harness):
+    h = harness(TIMERS)
+    c = h.connect()
+    c.send("chain")
+    h.advance(1.9)
+    assert c.new() == []
+    h.advance(0.1)
+    assert c.new() == ["chained"]
+
+
+def test_timer_errors_are_recorded_and_the_server_carries_on(harness):
+    h = harness("""
+from mpxd import call_later
+
+def handle_request(s):
+    call_later(1, lambda: 1 / 0)
+    s.response = "ok"
+""")
+    c = h.connect()
+    c.send("x")
+    h.advance(1)
+    assert len(h.errors) == 1 and isinstance(h.errors[0][2], ZeroDivisionError)
+    assert c.send("y") == ["ok"]
+
+
+def test_a_timer_rescheduling_itself_at_the_same_instant_is_reported(harness):
+    h = harness("""
+from mpxd import call_later
+
+spinning = True
+
+def spin():
+    if spinning:
+        call_later(0, spin)
+
+def handle_request(s):
+    call_later(0, spin)
+""")
+    c = h.connect()
+    with pytest.raises(RuntimeError, match="still busy"):
+        c.send("go")
+    h.module.spinning = False
+    assert c.send("calm") == []
+
+
+def test_idle_timeout_closes_quiet_sessions(harness):
+    h = harness(LIFECYCLE, idle_timeout=5)
+    c = h.connect()
+    h.advance(4)
+    c.send("a")                   # input at t=4 moves the deadline to t=9
+    h.advance(4.9)
+    assert not c.closed
+    h.advance(0.1)
+    assert c.closed and c.close_reason == "timeout"
+    assert h.module.closed == [(c.session.id, 1)]
+
+
+def test_handlers_can_set_their_own_idle_timeout(harness):
+    h = harness("""
+def handle_request(s):
+    s.set_idle_timeout(float(s.request))
+""")
+    c = h.connect()
+    c.send("2")
+    h.advance(1.5)
+    assert not c.closed
+    h.advance(0.5)
+    assert c.closed and c.close_reason == "timeout"
+
+
+# --------------------------------------------------------------- threads
+
+
+THREADS = """
+import threading
+from mpxd import run_in_thread, send_response
+
+def work(text):
+    if text == "fail":
+        raise LookupError(text)
+    return text.upper(), threading.current_thread().name
+
+def handle_request(s):
+    if s.request == "twice":
+        run_in_thread(work, "one", then=lambda r: again(s, r))
+        return
+    run_in_thread(work, s.request, then=lambda r: reply(s, r))
+
+def reply(s, result):
+    s.response = repr(result) if isinstance(result, Exception) else " ".join(result)
+    send_response(s)
+
+def again(s, result):
+    reply(s, result)
+    run_in_thread(work, "two", then=lambda r: reply(s, r))
+"""
+
+
+def test_run_threads_completes_work_and_delivers_then_callbacks(harness):
+    h = harness(THREADS)
+    c = h.connect()
+    assert c.send("abc") == []
+    h.run_threads()
+    [line] = c.new()
+    assert line.startswith("ABC mpxd-worker")
+    assert threading.current_thread().name not in line
+
+
+def test_run_threads_passes_the_exception_to_then(harness):
+    h = harness(THREADS)
+    c = h.connect()
+    c.send("fail")
+    h.run_threads()
+    assert c.new() == ["LookupError('fail')"]
+    assert h.errors == []
+
+
+def test_run_threads_follows_work_started_by_callbacks(harness):
+    h = harness(THREADS)
+    c = h.connect()
+    c.send("twice")
+    h.run_threads()
+    assert [line.split()[0] for line in c.new()] == ["ONE", "TWO"]
+
+
+def test_run_threads_delivers_in_the_order_the_work_finished(harness):
+    h = harness("""
+import threading
+from mpxd import run_in_thread, send_response
+
+second_done = threading.Event()
+
+def first():
+    assert second_done.wait(5)
+    return "first"
+
+def second():
+    second_done.set()
+    return "second"
+
+def handle_request(s):
+    for work in (first, second):
+        run_in_thread(work, then=lambda result: reply(s, result))
+
+def reply(s, result):
+    s.response = result
+    send_response(s)
+""")
+    c = h.connect()
+    c.send("go")
+    h.run_threads()
+    assert c.new() == ["second", "first"]
+
+
+def test_a_failing_job_without_then_is_an_error(harness):
+    h = harness("""
+from mpxd import run_in_thread
+
+def fail():
+    raise OSError("disk gone")
+
+def handle_request(s):
+    run_in_thread(fail)
+    s.response = "started"
+""")
+    c = h.connect()
+    assert c.send("x") == ["started"]
+    h.run_threads()
+    [(where, session, exc)] = h.errors
+    assert where == "run_in_thread" and session is None and str(exc) == "disk gone"
+    assert not c.closed
+
+
+def test_results_wait_for_run_threads_however_fast_the_thread(harness):
+    h = harness("""
+import threading
+from mpxd import run_in_thread, send_response
+
+finished = threading.Event()
+
+def work():
+    finished.set()
+    return "done"
+
+def handle_request(s):
+    run_in_thread(work, then=lambda result: reply(s, result))
+
+def reply(s, result):
+    s.response = result
+    send_response(s)
+""")
+    c = h.connect()
+    c.send("go")
+    assert h.module.finished.wait(5)
+    assert c.send("again") == []
+    h.advance(60)
+    assert c.new() == []
+    h.run_threads()
+    assert c.new() == ["done", "done"]
+
+
+def test_call_soon_threadsafe_from_other_threads_arrives_in_run_threads(harness):
+    h = harness("""
+import threading
+from mpxd import call_soon_threadsafe, send_response
+
+def handle_request(s):
+    def background():
+        call_soon_threadsafe(answer, s, "from a thread")
+    t = threading.Thread(target=background)
+    t.start()
+    t.join()
+
+def answer(s, text):
+    s.response = text
+    send_response(s)
+""")
+    c = h.connect()
+    assert c.send("go") == []
+    h.run_threads()
+    assert c.new() == ["from a thread"]
+
+
+def test_run_threads_gives_up_after_its_timeout(harness):
+    release = threading.Event()
+    h = harness("""
+from mpxd import run_in_thread
+
+def handle_request(s):
+    run_in_thread(s.handle.wait)
+""")
+    c = h.connect()
+    c.session.handle = release
+    c.send("x")
+    with pytest.raises(TimeoutError):
+        h.run_threads(timeout=0.05)
+    release.set()
+    h.run_threads()
+
+
+# ----------------------------------------------------------- backpressure
+
+
+BIG = """
+def handle_request(s):
+    s.response = s.request * 10
+"""
+
+
+def test_a_client_that_does_not_read_pauses_its_input_until_it_drains(harness):
+    h = harness(BIG, high_water=100, low_water=25)
+    c = h.connect()
+    c.pause_reading()
+    assert c.send(["a" * 5] * 6) == []
+    handled = c.session._requests
+    assert c.session._paused and handled < 6
+    c.send("b")                           # waits in the "kernel" meanwhile
+    assert c.session._requests == handled
+    lines = c.resume_reading()
+    assert lines == ["a" * 50] * 6 + ["b" * 10]
+    assert not c.session._paused
+
+
+def test_output_past_max_output_closes_the_session(harness):
+    h = harness("""
+from mpxd import call_every, send_response
+
+def handle_request(s):
+    def flood():
+        s.response = "x" * 1000
+        send_response(s)
+    call_every(1, flood)
+""", max_output=4000)
+    c = h.connect()
+    c.pause_reading()
+    c.send("go")
+    h.advance(10)
+    assert c.closed and c.close_reason == "output overflow"
+    assert c.output == b""
+
+
+# -------------------------------------------------------------- reload
+
+
+V1 = """
+def handle_request(s):
+    s.handle = (s.handle or 0) + 1
+    s.response = f"v1 {s.handle}"
+"""
+
+V2 = """
+carried = None
+
+def on_reload(old):
+    global carried
+    carried = old.__name__
+
+def handle_request(s):
+    s.handle = (s.handle or 0) + 1
+    s.response = f"v2 {s.handle}"
+"""
+
+
+def test_reload_swaps_the_script_and_keeps_sessions(write_script):
+    path = write_script(V1)
+    with Harness(path) as h:
+        c = h.connect()
+        assert c.send("x") == ["v1 1"]
+        old_name = h.module.__name__
+        write_script(V2)
+        h.reload()
+        assert c.send("x") == ["v2 2"]
+        assert h.module.carried == old_name
+        assert h.core.reloads == 1
+
+
+def test_a_broken_reload_keeps_the_old_script(write_script):
+    path = write_script(V1)
+    with Harness(path) as h:
+        c = h.connect()
+        write_script("def handle_request(s)\n")
+        with pytest.raises(ScriptError, match="syntax error"):
+            h.reload()
+        assert c.send("x") == ["v1 1"]
+
+
+def test_a_failing_on_reload_keeps_the_old_script(write_script):
+    path = write_script(V1)
+    with Harness(path) as h:
+        c = h.connect()
+        write_script(V2.replace("carried = old.__name__", "carried = old.missing"))
+        with pytest.raises(ScriptError, match="on_reload failed"):
+            h.reload()
+        assert [e[0] for e in h.errors] == ["on_reload"]
+        assert c.send("x") == ["v1 1"]
+
+
+# -------------------------------------------------- loading and isolation
+
+
+def test_a_broken_script_raises_script_error(write_script):
+    with pytest.raises(ScriptError, match="does not define handle_request"):
+        Harness(write_script("x = 1\n"))
+
+
+def test_scheduling_at_import_fails_as_in_the_daemon(harness, write_script):
+    harness(ECHO)                  # another running harness must not catch it
+    with pytest.raises(ScriptError, match="no mpxd server is running"):
+        Harness(write_script("import mpxd\nmpxd.call_later(1, print)\n"
+                             "def handle_request(s): pass\n", "early.py"))
+
+
+def test_two_harnesses_do_not_share_state(mpxd_harness, write_script):
+    a = mpxd_harness(COUNTER)
+    b = mpxd_harness(COUNTER)
+    ca, cb = a.connect(), b.connect()
+    assert ca.send("3 global") == ["3"]
+    assert cb.send("4 global") == ["4"]
+    assert a.module is not b.module
+
+    timers = write_script(TIMERS)
+    ta, tb = mpxd_harness(timers), mpxd_harness(timers)
+    x, y = ta.connect(), tb.connect()
+    x.send("chain")             # tb was made last: the timer must still land on ta
+    tb.advance(5)
+    assert x.new() == [] and tb.module.events == []
+    ta.advance(2)
+    assert x.new() == ["chained"]
+    assert y.received() == []
+
+
+def test_a_closed_harness_leaves_no_current_core(write_script):
+    with Harness(write_script(ECHO)) as h:
+        assert core_module._current is h.core
+    assert core_module._current is None
+
+
+def test_unknown_options_are_refused():
+    with pytest.raises(TypeError, match="idle_timout"):
+        make_config("x.py", idle_timout=5)
+    with pytest.raises(TypeError, match="port.*use mpxd_server"):
+        make_config("x.py", port=47110)
+    with pytest.raises(ValueError, match="eol"):
+        make_config("x.py", eol="cr")
+
+
+def test_options_map_like_the_command_line():
+    config = make_config("x.py", eol="crlf", max_output=1600, idle_timeout=0)
+    assert config.eol == "\r\n"
+    assert (config.high_water, config.low_water) == (100, 25)
+    assert config.idle_timeout is None
+    assert cli_args(eol="\r\n", idle_timeout=5, daemon=False, syslog=True) == \
+        ["--eol", "crlf", "--idle-timeout", "5", "--syslog"]
+
+
+# --------------------------------------------------------- the real daemon
+
+
+def test_mpxd_server_runs_the_real_daemon(mpxd_server):
+    server = mpxd_server(COUNTER, eol="crlf")
+    assert server.port > 0 and server.pid > 0
+    with server.client() as a, server.client() as b:
+        assert a.ask("2") == "2"
+        assert b.ask("2 global") == "2"
+        a.send("3\n1 global\n")
+        assert a.readlines(2) == ["5", "3"]
+    server.wait_for_log(r"closed: eof")
+    assert server.stop() == 0
+    assert "stopped" in server.log
+
+
+def test_mpxd_server_reports_a_script_that_does_not_load(mpxd_server, write_script):
+    from mpxd.testing import ServerError
+    with pytest.raises(ServerError, match="does not define handle_request"):
+        mpxd_server(write_script("x = 1\n"))

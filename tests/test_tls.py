@@ -1,0 +1,309 @@
+"""mpxd.tls: real TLS sessions against the real daemon, with certificates made by openssl.
+
+Every test starts its own ``mpxd`` on a free port on 127.0.0.1.  The
+certificates (a CA, the server, a client "alice", and a client signed by
+another CA) are generated once per module with the ``openssl`` command.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import pytest
+
+from mpxd.tls import subject_string
+from spawn import mpxd  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
+                                reason="the openssl command is needed to make test certificates")
+
+HANDLER = textwrap.dedent('''
+    opens = 0
+
+    def handle_open(s):
+        global opens
+        opens += 1
+        s.response = f"hello {s.tls_peer}"
+
+    def handle_request(s):
+        if s.request.startswith("big "):
+            s.response = "x" * int(s.request[4:])
+        elif s.request == "opens":
+            s.response = str(opens)
+        else:
+            s.response = s.request
+''')
+
+
+def _openssl(*args: str, cwd) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _key_and_csr(cwd, name: str, subject: str) -> None:
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=cwd)
+
+
+def _sign(cwd, name: str, ca: str, extensions: str = "") -> None:
+    args = ["x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey",
+            f"{ca}.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "2"]
+    if extensions:
+        (cwd / f"{name}.ext").write_text(extensions)
+        args += ["-extfile", f"{name}.ext"]
+    _openssl(*args, cwd=cwd)
+
+
+def _ca(cwd, name: str, subject: str) -> None:
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
+             "-subj", subject, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """Paths of a CA, server certificates (two generations), good and bad clients."""
+    d = tmp_path_factory.mktemp("certs")
+    _ca(d, "ca", "/CN=mpxd test CA")
+    _ca(d, "rogue", "/CN=rogue CA")
+    san = "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+    for name, subject in (("server", "/O=first/CN=localhost"),
+                          ("server2", "/O=second/CN=localhost")):
+        _key_and_csr(d, name, subject)
+        _sign(d, name, "ca", san)
+    _key_and_csr(d, "alice", "/C=US/O=Example, Inc./CN=alice")
+    _sign(d, "alice", "ca")
+    _key_and_csr(d, "mallory", "/CN=mallory")
+    _sign(d, "mallory", "rogue")
+    return d
+
+
+def client_context(certs, client: str | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    if client:
+        context.load_cert_chain(str(certs / f"{client}.pem"), str(certs / f"{client}.key"))
+    return context
+
+
+class TLSClient:
+    """A blocking TLS line client."""
+
+    def __init__(self, port: int, context: ssl.SSLContext, timeout: float = 5.0):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock = context.wrap_socket(raw, server_hostname="localhost")
+        self.buf = b""
+
+    def send_lines(self, *lines: str) -> None:
+        self.sock.sendall("".join(line + "\n" for line in lines).encode())
+
+    def readline(self) -> str:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"closed; unterminated {self.buf[:80]!r}")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode()
+
+    def ask(self, line: str) -> str:
+        self.send_lines(line)
+        return self.readline()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def handler(tmp_path):
+    path = tmp_path / "tls_handler.py"
+    path.write_text(HANDLER)
+    return str(path)
+
+
+def start(mpxd, certs, handler, *extra: str, cert: str = "server"):  # noqa: F811
+    d = mpxd(["--port", "0", "--host", "127.0.0.1", "--tls-cert", str(certs / f"{cert}.pem"),
+              "--tls-key", str(certs / f"{cert}.key"), *extra, handler])
+    d.wait_listening()
+    return d
+
+
+def test_tls_session_serves_the_unchanged_handler(mpxd, certs, handler):  # noqa: F811
+    d = start(mpxd, certs, handler)
+    c = TLSClient(d.port, client_context(certs))
+    assert c.readline() == "hello None"
+    assert c.sock.version() in ("TLSv1.2", "TLSv1.3")
+    c.send_lines("one", "two", "", "three")           # pipelined
+    assert [c.readline() for _ in range(3)] == ["one", "two", "three"]
+    c.close()
+    assert d.stop() == 0
+
+
+def test_tls_large_responses_arrive_whole(mpxd, certs, handler):  # noqa: F811
+    d = start(mpxd, certs, handler)
+    c = TLSClient(d.port, client_context(certs), timeout=20)
+    c.readline()
+    sizes = [1, 70_000, 1_500_000, 3]
+    c.send_lines(*[f"big {n}" for n in sizes])
+    time.sleep(0.2)            # let the server fill the socket: partial writes
+    for n in sizes:
+        assert c.readline() == "x" * n
+    assert c.ask("still here") == "still here"
+    c.close()
+    assert d.stop() == 0
+
+
+def test_tls_client_eof_gets_remaining_answers_then_close_notify(mpxd, certs, handler):  # noqa: F811
+    d = start(mpxd, certs, handler)
+    c = TLSClient(d.port, client_context(certs))
+    c.readline()
+    c.sock.sendall(b"a\nb\nlast without newline")
+    # A TCP half-close under the TLS layer, as nc -N does (SSLSocket.shutdown
+    # would also drop the client's TLS state).
+    socket.socket.shutdown(c.sock, socket.SHUT_WR)
+    assert [c.readline() for _ in range(3)] == ["a", "b", "last without newline"]
+    assert c.sock.recv(100) == b""           # a clean TLS close (close_notify), no error
+    c.close()
+    d.wait_for(r"session 1 127\.0\.0\.1:\d+ closed: eof")
+    assert d.stop() == 0
+
+
+def test_client_certificate_subject_is_tls_peer(mpxd, certs, handler):  # noqa: F811
+    d = start(mpxd, certs, handler, "--tls-ca", str(certs / "ca.pem"))
+    expected = subprocess.run(
+        ["openssl", "x509", "-noout", "-subject", "-nameopt", "RFC2253",
+         "-in", str(certs / "alice.pem")], capture_output=True, text=True,
+        check=True).stdout.strip().removeprefix("subject=")
+    assert expected == r"CN=alice,O=Example\, Inc.,C=US"
+    c = TLSClient(d.port, client_context(certs, "alice"))
+    assert c.readline() == f"hello {expected}"
+    c.close()
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize("client", [None, "mallory"], ids=["no-cert", "other-ca"])
+def test_bad_client_certificate_fails_alone(mpxd, certs, handler, client):  # noqa: F811
+    d = start(mpxd, certs, handler, "--tls-ca", str(certs / "ca.pem"))
+    good = TLSClient(d.port, client_context(certs, "alice"))
+    good.readline()
+    with pytest.raises((ssl.SSLError, ConnectionError, EOFError)):
+        # TLS 1.3: the client learns of the rejection at its first read.
+        bad = TLSClient(d.port, client_context(certs, client))
+        bad.readline()
+    d.wait_for(r"INFO TLS handshake with 127\.0\.0\.1:\d+ failed: ")
+    assert good.ask("opens") == "1"          # no handler ran for the rejected client
+    good.close()
+    assert d.stop() == 0
+
+
+def test_stalled_handshake_times_out_without_blocking_others(mpxd, certs, handler):  # noqa: F811
+    d = start(mpxd, certs, handler, "--tls-handshake-timeout", "0.5")
+    stalled = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+    stalled.sendall(b"\x16\x03\x01\x02\x00\x01")   # the start of a ClientHello, then nothing
+    silent = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+    good = TLSClient(d.port, client_context(certs))  # served while the others stall
+    assert good.readline() == "hello None"
+    assert good.ask("ping") == "ping"
+    assert stalled.recv(100) == b""                 # closed by the timeout
+    assert silent.recv(100) == b""
+    d.wait_for(r"TLS handshake with 127\.0\.0\.1:\d+ failed: timed out after 0\.5s")
+    assert good.ask("opens") == "1"
+    for sock in (stalled, silent, good):
+        sock.close()
+    assert d.stop() == 0
+
+
+def test_plain_text_client_is_refused_and_logged(mpxd, certs, handler):  # noqa: F811
+    d = start(mpxd, certs, handler)
+    plain = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+    plain.sendall(b"hello there, no TLS here\n")
+    plain.recv(4096)                         # a TLS alert, or nothing
+    d.wait_for(r"INFO TLS handshake with 127\.0\.0\.1:\d+ failed: ")
+    plain.close()
+    good = TLSClient(d.port, client_context(certs))
+    assert good.readline() == "hello None"
+    good.close()
+    assert d.stop() == 0
+
+
+def test_tls_below_1_2_is_refused(mpxd, certs, handler):  # noqa: F811
+    d = start(mpxd, certs, handler)
+    old = client_context(certs)
+    try:
+        with warnings.catch_warnings():     # TLS 1.1 is deprecated: that is the point
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old.set_ciphers("DEFAULT:@SECLEVEL=0")
+            old.minimum_version = ssl.TLSVersion.TLSv1
+            old.maximum_version = ssl.TLSVersion.TLSv1_1
+    except (ValueError, ssl.SSLError):
+        pytest.skip("this OpenSSL cannot even offer TLS 1.1")
+    with pytest.raises((ssl.SSLError, ConnectionError)) as failure:
+        TLSClient(d.port, old)
+    if "NO_PROTOCOLS_AVAILABLE" in str(failure.value):
+        pytest.skip("this OpenSSL cannot even offer TLS 1.1")
+    d.wait_for(r"TLS handshake with 127\.0\.0\.1:\d+ failed: ")
+    assert d.stop() == 0
+
+
+def test_hup_reloads_certificates_and_keeps_old_on_error(mpxd, certs, handler, tmp_path):  # noqa: F811
+    cert, key = tmp_path / "live.pem", tmp_path / "live.key"
+    shutil.copy(certs / "server.pem", cert)
+    shutil.copy(certs / "server.key", key)
+    d = mpxd(["--port", "0", "--host", "127.0.0.1", "--tls-cert", str(cert),
+              "--tls-key", str(key), handler])
+    d.wait_listening()
+
+    def organisation() -> str:
+        c = TLSClient(d.port, client_context(certs))
+        c.readline()
+        subject = dict(item for rdn in c.sock.getpeercert()["subject"] for item in rdn)
+        c.close()
+        return subject["organizationName"]
+
+    before = TLSClient(d.port, client_context(certs))
+    before.readline()
+    assert organisation() == "first"
+    shutil.copy(certs / "server2.pem", cert)
+    shutil.copy(certs / "server2.key", key)
+    d.signal(1)                                   # SIGHUP
+    d.wait_for(r"reloaded TLS certificate")
+    assert organisation() == "second"
+    assert before.ask("old session") == "old session"   # sessions keep their keys
+
+    shutil.copy(certs / "server.key", key)        # key no longer matches the certificate
+    offset = len(d.log())
+    d.signal(1)
+    d.wait_for(r"ERROR TLS reload failed, still using the previous certificate: ",
+               since=offset)
+    assert organisation() == "second"
+    before.close()
+    assert d.stop() == 0
+
+
+def test_unusable_certificate_stops_startup(certs, tmp_path, handler):
+    command = [sys.executable, "-m", "mpxd", "--port", "0", "--host", "127.0.0.1"]
+    mismatched = subprocess.run(
+        command + ["--tls-cert", str(certs / "server.pem"), "--tls-key",
+                   str(certs / "alice.key"), handler],
+        capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHONPATH="."))
+    assert mismatched.returncode == 1
+    assert "cannot use TLS certificate" in mismatched.stderr
+    assert "key values mismatch" in mismatched.stderr
+    keyless = subprocess.run(command + ["--tls-key", str(certs / "server.key"), handler],
+                             capture_output=True, text=True, timeout=30)
+    assert keyless.returncode == 2
+    assert "--tls-key needs --tls-cert" in keyless.stderr
+
+
+def test_subject_string_escapes_as_rfc4514():
+    cert = {"subject": ((("countryName", "US"),), (("organizationName", "A, B+C"),),
+                        (("commonName", " lead"),))}
+    assert subject_string(cert) == r"CN=\ lead,O=A\, B\+C,C=US"
+    assert subject_string({}) is None
+    assert subject_string(None) is None
