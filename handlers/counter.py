@@ -5,19 +5,17 @@ Try it:
     printf '1\n1\n5 global\n' | nc -N localhost 47110      # prints 1, 2, 5
 
 A line "N" adds N to this connection's counter and answers its value;
-"N global" adds to the counter all connections share.  Anything that does not
-start with a whole number counts as 0 (answers the current value).
+"N global" adds to the counter all connections share.  As in the C original
+(which reads the number with sscanf "%d"), a first word that does not start
+with a whole number makes the answer 0, and digits are read up to the first
+non-digit ("12abc" counts as 12).
 """
+
+import re
 
 global_counter = 0
 
-
-def _is_int(token):
-    try:
-        int(token)
-    except ValueError:
-        return False
-    return True
+_LEADING_INT = re.compile(r"[+-]?\d+")
 
 
 def handle_request(s):
@@ -26,12 +24,14 @@ def handle_request(s):
         s.handle = {"count": 0}          # per-session state, like the C example
     tokens = s.request.split()
     value = 0
-    if tokens and _is_int(tokens[0]):
+    number = _LEADING_INT.match(tokens[0]) if tokens else None
+    if number:
+        increment = int(number.group())
         if len(tokens) == 2 and tokens[1] == "global":
-            global_counter += int(tokens[0])
+            global_counter += increment
             value = global_counter
         else:
-            s.handle["count"] += int(tokens[0])
+            s.handle["count"] += increment
             value = s.handle["count"]
     s.response = str(value)
 

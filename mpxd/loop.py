@@ -28,6 +28,7 @@ from .core import Core, format_peer
 from .script import ScriptError, load_script
 from .session import Session
 from .signals import Wakeup
+from .timers import Timer
 from .systemd import Notifier
 
 __all__ = ["Loop", "make_poller"]
@@ -45,6 +46,7 @@ RECV_SIZE = 64 * 1024
 ACCEPT_BATCH = 128
 ACCEPT_BACKOFF = 0.1            # seconds without accepting after EMFILE
 STATUS_INTERVAL = 5.0           # seconds between systemd STATUS= updates
+LINGER_TIMEOUT = 2.0            # seconds a closed session waits for the peer's EOF
 
 ROUTINE_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN,
                   errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH}
@@ -112,6 +114,8 @@ class Loop:
         self.admission: dict[int, Callable[[int, Any], None]] = {}
         self.watchers: dict[int, Callable[[int], None]] = {}
         self.reload_hooks: list[Callable[[], None]] = []
+        # Closed sessions' descriptors waiting for the peer's EOF (_linger).
+        self.lingering: dict[int, Timer] = {}
 
     # ------------------------------------------------------------ running
 
@@ -189,7 +193,7 @@ class Loop:
                 for s in dirty:
                     flush(s)
                 dirty.clear()
-            if self.draining and not conns:
+            if self.draining and not conns and not self.lingering:
                 break
 
     # ------------------------------------------------------------- accept
@@ -333,14 +337,60 @@ class Loop:
             except (OSError, KeyError, ValueError):
                 pass
         s._wbuf = None
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        if s._eof or s._abort:
+            # After EOF nothing unread can be left; an abort means to reset.
+            _close_fd(fd)
+        else:
+            self._linger(fd)
         self.core.finish(s)
         if not self.accepting and not self.draining and \
                 len(self.conns) < self.max_connections:
             self._start_accepting()
+
+    def _linger(self, fd: int) -> None:
+        """Close ``fd`` without losing output to a reset ("lingering close").
+
+        ``close()`` on a socket with unread input makes the kernel send a
+        reset, and a reset makes the client's kernel throw away answers the
+        client has not read yet: the last responses, ``ERROR line too
+        long``, what a handler sent before ``close_session``.  So send our
+        FIN first, read and discard what the peer still sends until its
+        EOF, and close then, or after LINGER_TIMEOUT at the latest.
+        """
+        try:
+            sock = socket.socket(fileno=fd)
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            finally:
+                sock.detach()
+        except OSError:
+            _close_fd(fd)
+            return
+
+        def discard(mask: int) -> None:
+            try:
+                data = os.read(fd, RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._end_linger(fd)
+
+        self.lingering[fd] = self.core.call_later(LINGER_TIMEOUT, self._end_linger, fd)
+        self.watch(fd, IN, discard)
+
+    def _end_linger(self, fd: int) -> None:
+        timer = self.lingering.pop(fd, None)
+        if timer is None:
+            return
+        timer.cancel()
+        self.unwatch(fd)
+        _close_fd(fd)
+
+    def _end_all_lingering(self) -> None:
+        for fd in list(self.lingering):
+            self._end_linger(fd)
 
     # ------------------------------------------------------------ signals
 
@@ -462,11 +512,12 @@ class Loop:
         if self.conns:
             log.warning("drain timeout: closing %d sessions with output unsent",
                         len(self.conns))
-            self._abort_all("shutdown")
+        self._abort_all("shutdown")
 
     def _abort_all(self, reason: str) -> None:
         for s in list(self.conns.values()):
             self.core.abort(s, reason)
+        self._end_all_lingering()
 
     # ------------------------------------------------------------- status
 
@@ -477,6 +528,13 @@ class Loop:
 
     def _report_status(self) -> None:
         self.notifier.status(self._status_text())
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def prepare_listener(sock: socket.socket) -> None:

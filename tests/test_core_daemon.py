@@ -276,6 +276,27 @@ def test_close_session_writes_queued_output_then_drops_later_lines(daemon, recor
     assert recorder.requests_of(sid) == ["one", "close"]
 
 
+def test_close_session_output_survives_input_the_server_never_read(daemon, write_script):
+    script = write_script("""
+        from mpxd import close_session
+        def handle_request(s):
+            s.response = "z" * (1 << 20)
+            close_session(s)
+    """)
+    d = daemon(script)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.settimeout(10)
+    sock.connect(d.address)
+    sock.sendall(b"big\n" + b"x" * 200_000 + b"\n")   # more than one read
+    time.sleep(0.5)                                    # read late
+    received = 0
+    with sock:
+        while chunk := sock.recv(65536):
+            received += len(chunk)
+    assert received == (1 << 20) + 1
+
+
 def test_close_session_from_another_session(daemon, recorder):
     d = daemon(recorder.script)
     a, b = d.connect(), d.connect()
