@@ -44,6 +44,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 SUMMARY_INTERVAL = 1.0      # seconds between "refused N more" lines during a burst
 RELEASE_INTERVAL = 0.05     # a throttled session gets lines at most this often
+MIN_WAIT = 0.001            # never a zero-delay timer: that would spin the loop
 SWEEP_EVERY = 1024          # admissions between sweeps of finished connections
 
 
@@ -244,11 +245,11 @@ class ThrottledFramer:
         now = limit.core.now
         tokens = min(limit.burst, self.tokens + (now - self.stamp) * limit.rate)
         self.stamp = now
-        if len(lines) <= tokens:
+        if len(lines) <= tokens + 1e-9:
             self.tokens = tokens - len(lines)
             return lines
-        allowed = int(tokens)
-        self.tokens = tokens - allowed
+        allowed = int(tokens + 1e-9)      # 0.9999999999999998 tokens are one token
+        self.tokens = max(0.0, tokens - allowed)
         self.stash = lines[allowed:]
         self._hold()
         return lines[:allowed]
@@ -270,7 +271,7 @@ class ThrottledFramer:
                 limit.core.dirty.append(s)
         if self.timer is None:
             need = min(len(self.stash), limit.batch)
-            wait = max(0.0, (need - self.tokens) / limit.rate)
+            wait = max(MIN_WAIT, (need - self.tokens) / limit.rate)
             self.timer = limit.core.call_later(wait, self._release)
 
     def _release(self) -> None:

@@ -165,8 +165,8 @@ class ControlServer:
                 os.close(fd)
                 continue
             if creds.uid not in (os.geteuid(), 0):
-                log.warning("control: refused %s: only uid %d and root may use it",
-                            creds, os.geteuid())
+                log.warning("control: refused pid=%d,uid=%d: only uid %d and root "
+                            "may use it", creds.pid, creds.uid, os.geteuid())
                 os.close(fd)
                 continue
             self.core.now = self.main.now

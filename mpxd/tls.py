@@ -42,7 +42,8 @@ log = logging.getLogger("mpxd")
 
 IN = 0x001                      # select.POLLIN / EPOLLIN
 OUT = 0x004                     # select.POLLOUT / EPOLLOUT
-READ_SIZE = 256 * 1024
+READ_SIZE = 64 * 1024           # ciphertext per os.read during the handshake
+RECORD_SIZE = 16 * 1024         # plaintext per SSLObject.read: one TLS record at most
 WRITE_CHUNK = 64 * 1024         # plaintext encrypted per write call
 
 # RFC 4514 short names for the attributes the ssl module reports by long name
@@ -324,7 +325,7 @@ class TLSChannel:
         sslobj = self.sslobj
         while True:
             try:
-                chunk = sslobj.read(READ_SIZE)
+                chunk = sslobj.read(RECORD_SIZE)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLEOFError:

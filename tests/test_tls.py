@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -271,14 +272,14 @@ def test_hup_reloads_certificates_and_keeps_old_on_error(mpxd, certs, handler, t
     assert organisation() == "first"
     shutil.copy(certs / "server2.pem", cert)
     shutil.copy(certs / "server2.key", key)
-    d.signal(1)                                   # SIGHUP
+    d.signal(signal.SIGHUP)
     d.wait_for(r"reloaded TLS certificate")
     assert organisation() == "second"
     assert before.ask("old session") == "old session"   # sessions keep their keys
 
     shutil.copy(certs / "server.key", key)        # key no longer matches the certificate
     offset = len(d.log())
-    d.signal(1)
+    d.signal(signal.SIGHUP)
     d.wait_for(r"ERROR TLS reload failed, still using the previous certificate: ",
                since=offset)
     assert organisation() == "second"

@@ -1,0 +1,320 @@
+"""mpxd.control and mpxctl: every control command against a daemon under load."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+from conftest import ROOT, wait_until
+from mpxd.mpxctl import ControlClient, DaemonError, render_sessions, render_stats
+from spawn import mpxd  # noqa: F401 - fixture
+
+HANDLER = '''
+VERSION = "one"
+
+def handle_request(s):
+    s.response = "version " + VERSION if s.request == "version" else s.request
+'''
+
+
+class Load:
+    """Clients asking and reading in a loop, in threads, until ``stop``."""
+
+    def __init__(self, port: int, clients: int = 6) -> None:
+        self.port = port
+        self.done = threading.Event()
+        self.answers = [0] * clients
+        self.failures: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True)
+                        for i in range(clients)]
+        for thread in self.threads:
+            thread.start()
+        assert wait_until(lambda: all(self.answers), timeout=10), "load did not start"
+
+    def _client(self, index: int) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                f = sock.makefile("rwb")
+                while not self.done.is_set():
+                    f.write(b"ping %d\n" % index)
+                    f.flush()
+                    if f.readline() != b"ping %d\n" % index:
+                        raise AssertionError("wrong or no answer")
+                    self.answers[index] += 1
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            if not self.done.is_set():
+                self.failures.append(e)
+
+    def total(self) -> int:
+        return sum(self.answers)
+
+    def stop(self) -> None:
+        self.done.set()
+        for thread in self.threads:
+            thread.join(10)
+
+
+def ask(path: str, command: str) -> tuple[list[str], str]:
+    client = ControlClient(path, 10.0)
+    try:
+        return client.ask(command)
+    finally:
+        client.close()
+
+
+def stats(path: str) -> dict[str, str]:
+    lines, _ = ask(path, "stats")
+    return dict(line.split(" ", 1) for line in lines if not line.startswith("listener "))
+
+
+def mpxctl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mpxd.mpxctl", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def served(mpxd, tmp_path):  # noqa: F811
+    """A daemon with --control and --pidfile, and 6 clients keeping it busy."""
+    script = tmp_path / "handler.py"
+    script.write_text(HANDLER)
+    control = str(tmp_path / "control.sock")
+    pidfile = str(tmp_path / "mpxd.pid")
+    d = mpxd(["--port", "0", "--host", "127.0.0.1", "--control", control,
+              "--pidfile", pidfile, str(script)])
+    d.wait_listening()
+    d.control, d.pidfile, d.script = control, pidfile, script
+    load = Load(d.port)
+    yield d, load
+    load.stop()
+    assert not load.failures, load.failures
+
+
+def test_control_socket_is_private(served):
+    d, _load = served
+    st = os.stat(d.control)
+    assert oct(st.st_mode & 0o777) == oct(0o600) and st.st_uid == os.geteuid()
+
+
+def test_stats_show_live_figures(served):
+    d, load = served
+    first = stats(d.control)
+    assert wait_until(lambda: load.total() > int(first["requests"]) + 100)
+    second = stats(d.control)
+    assert int(second["requests"]) > int(first["requests"])
+    assert int(second["bytes_in"]) > int(first["bytes_in"]) > 0
+    assert int(second["bytes_out"]) > 0
+    assert second["connections"] == "6" and second["connections_total"] == "6"
+    assert second["state"] == "serving" and second["pid"] == str(d.pid)
+    assert float(second["uptime"]) >= float(first["uptime"])
+    assert second["errors"] == "0" and second["reloads"] == "0"
+    lines, _ = ask(d.control, "stats")
+    assert f"listener 127.0.0.1:{d.port} open=6 total=6" in lines
+
+
+def test_sessions_lists_every_open_session(served):
+    d, _load = served
+    lines, summary = ask(d.control, "sessions")
+    assert summary == "6 sessions" and len(lines) == 6
+    for line in lines:
+        assert re.fullmatch(r"\d+ 127\.0\.0\.1:\d+ age=[\d.]+ idle=[\d.]+ "
+                            r"requests=\d+ queued=\d+", line), line
+    table = render_sessions(lines)
+    assert table[0].split() == ["ID", "PEER", "AGE", "IDLE", "REQUESTS", "QUEUED"]
+
+
+def test_kill_closes_that_session_only(served):
+    d, load = served
+    victim = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+    victim_port = victim.getsockname()[1]
+    assert wait_until(lambda: any(f":{victim_port} " in line
+                                  for line in ask(d.control, "sessions")[0]))
+    line = next(x for x in ask(d.control, "sessions")[0] if f":{victim_port} " in x)
+    session_id = line.split()[0]
+    _, answer = ask(d.control, f"kill {session_id}")
+    assert answer == f"closed session {session_id}"
+    assert victim.recv(100) == b""
+    victim.close()
+    before = load.total()
+    assert wait_until(lambda: load.total() > before + 50)     # the others go on
+    d.wait_for(rf"session {session_id} 127\.0\.0\.1:{victim_port} closed: killed")
+    with pytest.raises(DaemonError, match=f"no session {session_id}"):
+        ask(d.control, f"kill {session_id}")
+    with pytest.raises(DaemonError, match="usage: kill ID"):
+        ask(d.control, "kill everyone")
+
+
+def test_reload_swaps_script_and_reports_failure(served):
+    d, load = served
+    probe = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+    f = probe.makefile("rwb")
+
+    def version() -> bytes:
+        f.write(b"version\n")
+        f.flush()
+        return f.readline()
+
+    assert version() == b"version one\n"
+    d.script.write_text(HANDLER.replace('"one"', '"two"'))
+    _, answer = ask(d.control, "reload")
+    assert answer == f"reloaded {d.script}"
+    assert version() == b"version two\n"
+    assert stats(d.control)["reloads"] == "1"
+    d.script.write_text("def handle_request(s):\n    s.response = (\n")
+    with pytest.raises(DaemonError, match="reload failed"):
+        ask(d.control, "reload")
+    assert version() == b"version two\n"
+    before = load.total()
+    assert wait_until(lambda: load.total() > before + 50)
+    probe.close()
+
+
+def test_log_level_changes_what_is_logged(served):
+    d, _load = served
+    _, answer = ask(d.control, "log-level warning")
+    assert answer == "log level warning"
+    offset = len(d.log())
+    total = int(stats(d.control)["connections_total"])
+    socket.create_connection(("127.0.0.1", d.port), timeout=10).close()
+    assert wait_until(lambda: stats(d.control)["connections"] == "6" and
+                      int(stats(d.control)["connections_total"]) == total + 1)
+    _, answer = ask(d.control, "log-level info")
+    socket.create_connection(("127.0.0.1", d.port), timeout=10).close()
+    d.wait_for(r"session \d+ 127\.0\.0\.1:\d+ closed: eof", since=offset)
+    closes = re.findall(r"session \d+ \S+ closed", d.log()[offset:])
+    assert len(closes) == 1                           # only the one after "info"
+    with pytest.raises(DaemonError, match="usage: log-level"):
+        ask(d.control, "log-level loud")
+
+
+def test_drain_stops_accepting_and_exits_after_the_last_session(served):
+    d, load = served
+    _, answer = ask(d.control, "drain")
+    assert answer == "draining: 6 sessions open"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", d.port), timeout=10)
+    assert stats(d.control)["state"] == "draining"
+    before = load.total()
+    assert wait_until(lambda: load.total() > before + 50)     # still served
+    assert d.proc.poll() is None
+    load.stop()                                       # the clients leave...
+    assert d.wait(10) == 0                            # ...and the daemon goes
+    assert not os.path.exists(d.control)
+
+
+def test_stop_finishes_and_exits(served):
+    d, load = served
+    _, answer = ask(d.control, "stop")
+    assert answer.startswith("stopping:")
+    assert d.wait(10) == 0
+    load.stop()
+    load.failures.clear()                             # their connections were closed
+    assert not os.path.exists(d.control) and not os.path.exists(d.pidfile)
+
+
+def test_unknown_commands_and_help(served):
+    d, _load = served
+    with pytest.raises(DaemonError, match="unknown command 'frobnicate'"):
+        ask(d.control, "frobnicate")
+    lines, _ = ask(d.control, "help")
+    assert [line.split()[0] for line in lines] == [
+        "stats", "sessions", "kill", "reload", "drain", "stop", "log-level", "help"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+def test_other_users_are_turned_away(served):
+    d, _load = served
+    os.chmod(d.control, 0o666)            # only the SO_PEERCRED check is left
+    # pytest's directory is private to root: reach the socket by a hard link
+    # in a directory that user 65534 can enter.
+    public = tempfile.mkdtemp(prefix="mpxd-control-test-")
+    os.chmod(public, 0o755)
+    link = os.path.join(public, "control.sock")
+    os.link(d.control, link)
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c",
+             "import os, socket, sys\n"
+             "os.setgid(65534); os.setuid(65534)\n"
+             "s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])\n"
+             "try:\n"
+             "    s.sendall(b'stats\\n'); print(repr(s.recv(100)))\n"
+             "except ConnectionResetError:\n"
+             "    print('reset')\n", link],
+            capture_output=True, text=True, timeout=30)
+    finally:
+        shutil.rmtree(public)
+    assert child.stdout.strip() in ("b''", "reset"), child.stderr   # closed unanswered
+    d.wait_for(r"control: refused pid=\d+,uid=65534: only uid 0 and root may use it")
+
+
+# ----------------------------------------------------------------- mpxctl
+
+def test_mpxctl_status_shows_live_figures(served):
+    d, load = served
+    first = mpxctl("status", "--control", d.control)
+    assert first.returncode == 0, first.stderr
+    assert re.search(rf"mpxd \S+ \(pid {d.pid}\): serving, up \d+s", first.stdout)
+    assert "connections  6 open, 6 since start" in first.stdout
+    assert f"127.0.0.1:{d.port}" in first.stdout
+    count = lambda out: int(re.search(r"requests +([\d,]+)", out).group(1).replace(",", ""))  # noqa: E731
+    before = load.total()
+    assert wait_until(lambda: load.total() > before + 100)
+    second = mpxctl("--control", d.control, "status")        # options first works too
+    assert count(second.stdout) > count(first.stdout)
+
+
+def test_mpxctl_commands_and_exit_codes(served, tmp_path):
+    d, _load = served
+    sessions = mpxctl("sessions", "-c", d.control)
+    assert sessions.returncode == 0 and len(sessions.stdout.splitlines()) == 7
+    assert sessions.stderr.strip() == "6 sessions"
+    missing = mpxctl("kill", "99999", "-c", d.control)
+    assert missing.returncode == 1
+    assert "the daemon says: no session 99999" in missing.stderr
+    assert mpxctl("log-level", "info", "-c", d.control).returncode == 0
+    assert mpxctl("status").returncode == 2                          # where?
+    assert mpxctl("kill", "1", "--pidfile", d.pidfile).returncode == 2  # needs --control
+    nobody = mpxctl("status", "-c", str(tmp_path / "nothing.sock"))
+    assert nobody.returncode == 3 and "no control socket" in nobody.stderr
+    running = mpxctl("status", "--pidfile", d.pidfile)
+    assert running.returncode == 0 and f"running (pid {d.pid})" in running.stdout
+    offset = len(d.log())
+    hup = mpxctl("reload", "--pidfile", d.pidfile)
+    assert hup.returncode == 0 and f"sent HUP to pid {d.pid}" in hup.stdout
+    d.wait_for(r"reloaded ", since=offset)
+    reload = mpxctl("reload", "-c", d.control)
+    assert reload.returncode == 0 and "reloaded" in reload.stdout
+    stop = mpxctl("stop", "--pidfile", d.pidfile, "--wait")
+    assert stop.returncode == 0, stop.stderr
+    assert d.wait(10) == 0
+    _load.stop()
+    _load.failures.clear()
+    gone = mpxctl("status", "--pidfile", d.pidfile)
+    assert gone.returncode == 3 and "not running" in gone.stderr
+
+
+def test_mpxctl_reports_a_stale_pidfile_as_not_running(tmp_path):
+    pidfile = tmp_path / "stale.pid"
+    pidfile.write_text(f"{os.getpid()}\n")            # a live pid, but no lock
+    result = mpxctl("stop", "--pidfile", str(pidfile))
+    assert result.returncode == 3 and "not running" in result.stderr
+
+
+def test_render_stats_is_readable():
+    lines = ["pid 7", "version 0.1.0", "state serving", "uptime 3725.5",
+             "connections 2", "connections_total 1234", "requests 56789",
+             "bytes_in 2048", "bytes_out 3145728", "errors 0", "reloads 1",
+             "listener 127.0.0.1:47110 open=2 total=1234"]
+    out = render_stats(lines)
+    assert out[0] == "mpxd 0.1.0 (pid 7): serving, up 1h 02m 05s"
+    assert "requests     56,789" in out
+    assert "traffic      2.0 KiB in, 3.0 MiB out" in out
+    assert out[-1].split() == ["127.0.0.1:47110", "2", "open", "1234", "total"]
