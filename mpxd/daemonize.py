@@ -27,14 +27,14 @@ class Detached:
 
     def failed(self, message: str) -> None:
         """Tell the waiting command why start-up failed: it prints that, exits 1."""
-        self._report("error " + message)
+        self._report("error " + message.replace("\n", " "))
 
     def _report(self, text: str) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
             return
         try:
-            os.write(fd, text.encode("utf-8", "replace"))
+            os.write(fd, text.encode("utf-8", "replace") + b"\n")
         except OSError:
             pass        # the command was killed meanwhile; the daemon carries on
         finally:
@@ -56,10 +56,12 @@ def detach(stdio_fd: int | None = None) -> Detached:
     if child > 0:                           # the command the operator ran
         os.close(write_fd)
         os.waitpid(child, 0)                # the session leader exits at once
-        chunks = []
-        while chunk := os.read(read_fd, 4096):
-            chunks.append(chunk)
-        report = b"".join(chunks).decode("utf-8", "replace")
+        # Up to the report's newline, or EOF if the daemon died: a process
+        # the daemon forked may hold the pipe open long after the report.
+        report = b""
+        while not report.endswith(b"\n") and (chunk := os.read(read_fd, 4096)):
+            report += chunk
+        report = report.decode("utf-8", "replace").rstrip("\n")
         if report == "ok":
             os._exit(0)
         message = report[len("error "):] if report.startswith("error ") else \

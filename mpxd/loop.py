@@ -499,7 +499,7 @@ class Loop:
             return
         log.info("shutting down: %d sessions to drain (at most %gs)",
                  len(self.conns), self.config.drain_timeout)
-        self.notifier.stopping()
+        self.notifier.stopping(f"shutting down: {len(self.conns)} sessions to drain")
         self._stop_accepting()
         self.draining = True
         for fd, sock in self.listeners.items():

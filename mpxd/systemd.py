@@ -68,13 +68,16 @@ class Notifier:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
 
-    def stopping(self) -> None:
-        self.send("STOPPING=1")
+    def stopping(self, status: str = "") -> None:
+        """Shutdown begins (``STOPPING=1``); ``status`` says what it waits for."""
+        self.send("STOPPING=1", *([f"STATUS={status}"] if status else []))
 
     def status(self, text: str) -> None:
+        """Free-form state for ``systemctl status`` (``STATUS=``)."""
         self.send(f"STATUS={text}")
 
     def watchdog(self) -> None:
+        """The loop is alive (``WATCHDOG=1``)."""
         self.send("WATCHDOG=1")
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ is how the tests stop it (it is not their child).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -127,3 +128,43 @@ def test_daemon_refused_by_a_held_pidfile_exits_1_naming_the_pid(workdir):
     assert int((workdir / "mpxd.pid").read_text()) == pid
     assert stop_pid(pid)
     assert wait_until(lambda: not (workdir / "mpxd.pid").exists())
+
+
+def test_daemon_usr1_moves_log_lines_and_stdout_to_the_new_file(workdir):
+    result = run_command(["--daemon", "--port", "0", "--host", "127.0.0.1",
+                          "--pidfile", "mpxd.pid", "--log-file", "mpxd.log",
+                          "handler.py"], cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    pid = int((workdir / "mpxd.pid").read_text())
+    log, rotated = workdir / "mpxd.log", workdir / "mpxd.log.1"
+    port = port_from_log(log)
+    os.rename(log, rotated)
+    os.kill(pid, signal.SIGUSR1)
+    assert wait_until(lambda: log.exists() and "reopened" in log.read_text())
+    assert ask(port, "print") == "ok"
+    assert stop_pid(pid)
+    assert "printed by the handler" in log.read_text()
+    assert "printed by the handler" not in rotated.read_text()
+
+
+def test_command_returns_although_a_process_forked_by_the_script_lives_on(workdir):
+    """The report ends at its newline: the command does not wait for the pipe's EOF."""
+    (workdir / "forking.py").write_text(
+        "import os, time\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    time.sleep(60)       # holds every descriptor the daemon had\n"
+        "    os._exit(0)\n"
+        f"open({str(workdir / 'child.pid')!r}, 'w').write(str(child))\n"
+        "def handle_request(s):\n"
+        "    s.response = s.request\n")
+    try:
+        result = run_command(["--daemon", "--port", "0", "--host", "127.0.0.1",
+                              "--pidfile", "mpxd.pid", "--log-file", "mpxd.log",
+                              "forking.py"], cwd=workdir)
+        assert result.returncode == 0, result.stderr
+        assert ask(port_from_log(workdir / "mpxd.log"), "hi") == "hi"
+    finally:
+        child_pid = workdir / "child.pid"
+        if child_pid.exists():
+            stop_pid(int(child_pid.read_text()))

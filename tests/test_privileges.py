@@ -12,11 +12,14 @@ import os
 import pwd
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 import pytest
 
-from mpxd.privileges import PrivilegeError, drop_privileges
+from conftest import ROOT
 from spawn import mpxd  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -74,17 +77,14 @@ def proc_ids(pid: int) -> dict[str, str]:
     return {key: " ".join(fields[key].split()) for key in ("Uid", "Gid", "Groups")}
 
 
-def in_child(fn) -> int:
-    """Run ``fn`` in a forked child; its exit status (0: returned, 1: raised)."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            fn()
-        except BaseException:   # noqa: BLE001 - the status says it
-            os._exit(1)
-        os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+def in_child(code: str) -> subprocess.CompletedProcess:
+    """Run Python ``code`` in a child (started as root) with the names it needs."""
+    prelude = ("import os\n"
+               "from mpxd.privileges import PrivilegeError, drop_privileges\n"
+               f"UID, GID = {NOBODY.pw_uid}, {NOBODY.pw_gid}\n")
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=30, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
 
 
 def test_user_binds_a_privileged_port_then_serves_as_that_user(mpxd, shared_dir):
@@ -132,25 +132,33 @@ def test_unknown_group_exits_1(mpxd, shared_dir):
 
 
 def test_numeric_ids_are_accepted():
-    def become_numeric_nobody():
-        drop_privileges(str(NOBODY.pw_uid), str(NOBODY.pw_gid))
-        assert os.getresuid() == (NOBODY.pw_uid,) * 3
-    assert in_child(become_numeric_nobody) == 0
+    child = in_child("""
+        drop_privileges(str(UID), str(GID))
+        print(os.getresuid(), os.getresgid(), os.getgroups())
+    """)
+    assert child.stdout == \
+        f"{(NOBODY.pw_uid,) * 3} {(NOBODY.pw_gid,) * 3} [{NOBODY.pw_gid}]\n", child.stderr
 
 
 def test_switching_without_root_is_an_error_naming_the_cause():
-    def drop_then_ask_for_root():
-        os.setresgid(NOBODY.pw_gid, NOBODY.pw_gid, NOBODY.pw_gid)
-        os.setresuid(NOBODY.pw_uid, NOBODY.pw_uid, NOBODY.pw_uid)
-        with pytest.raises(PrivilegeError, match="mpxd is not running as root"):
+    child = in_child("""
+        os.setresgid(GID, GID, GID)
+        os.setresuid(UID, UID, UID)
+        try:
             drop_privileges("root", None)
-    assert in_child(drop_then_ask_for_root) == 0
+        except PrivilegeError as e:
+            print(e)
+    """)
+    assert child.stdout == "cannot switch to 'root': mpxd is not running as root\n", \
+        child.stderr
 
 
 def test_asking_for_the_user_we_already_are_is_fine():
-    def already_nobody():
-        os.setgroups([NOBODY.pw_gid])
-        os.setresgid(NOBODY.pw_gid, NOBODY.pw_gid, NOBODY.pw_gid)
-        os.setresuid(NOBODY.pw_uid, NOBODY.pw_uid, NOBODY.pw_uid)
+    child = in_child("""
+        os.setgroups([GID])
+        os.setresgid(GID, GID, GID)
+        os.setresuid(UID, UID, UID)
         drop_privileges("nobody", None)
-    assert in_child(already_nobody) == 0
+        print("still", os.getresuid())
+    """)
+    assert child.stdout == f"still {(NOBODY.pw_uid,) * 3}\n", child.stderr
