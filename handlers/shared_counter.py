@@ -21,7 +21,8 @@ mpxd:global_counter.
 A Redis call is network I/O, so it runs in a worker thread
 (``mpxd.run_in_thread``); a slow or unreachable Redis never stalls the
 loop.  Answers still go out in request order: each request takes a slot in
-its session's queue and finished slots are sent from the front.
+its session's queue, finished slots are sent from the front, and each
+connection has one Redis call in flight at a time.
 """
 
 import logging
@@ -61,20 +62,36 @@ def _is_int(token):
 
 def handle_request(s):
     if s.handle is None:
-        s.handle = {"count": 0, "queue": deque()}
+        s.handle = {"count": 0, "queue": deque(), "busy": False}
     tokens = s.request.split()
     if tokens and _is_int(tokens[0]) and len(tokens) == 2 and tokens[1] == "global":
-        slot = [None]
-        s.handle["queue"].append(slot)
-        run_in_thread(client.incrby, KEY, int(tokens[0]),
+        s.handle["queue"].append([None, int(tokens[0])])   # answered by Redis
+    else:
+        value = 0
+        if tokens and _is_int(tokens[0]):
+            s.handle["count"] += int(tokens[0])
+            value = s.handle["count"]
+        s.handle["queue"].append([str(value), None])
+    _pump(s)
+
+
+def _pump(s):
+    """Send the answers at the front of ``s``'s queue; start its next Redis call.
+
+    The front is either answered or the oldest global request; only one
+    Redis call per connection runs at a time, so a client's increments are
+    applied in the order it sent them.
+    """
+    state = s.handle
+    queue = state["queue"]
+    while queue and queue[0][0] is not None:
+        s.response = queue.popleft()[0]
+        send_response(s)
+    if queue and not state["busy"]:
+        state["busy"] = True
+        slot = queue[0]
+        run_in_thread(client.incrby, KEY, slot[1],
                       then=lambda result: _counted(s, slot, result))
-        return
-    value = 0
-    if tokens and _is_int(tokens[0]):
-        s.handle["count"] += int(tokens[0])
-        value = s.handle["count"]
-    s.handle["queue"].append([str(value)])
-    _flush(s)
 
 
 def _counted(s, slot, result):
@@ -93,15 +110,8 @@ def _counted(s, slot, result):
             outage = False
         slot[0] = str(result)
     if not s.closed:
-        _flush(s)
-
-
-def _flush(s):
-    """Send the finished answers at the front of ``s``'s queue, in order."""
-    queue = s.handle["queue"]
-    while queue and queue[0][0] is not None:
-        s.response = queue.popleft()[0]
-        send_response(s)
+        s.handle["busy"] = False
+        _pump(s)
 
 
 def handle_close(s):

@@ -84,7 +84,7 @@ class Worker:
     """One worker slot: its number stays, its process changes on restart."""
 
     __slots__ = ("number", "pid", "status_fd", "ready", "started", "young_deaths",
-                 "message", "exit_code")
+                 "message")
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -94,7 +94,6 @@ class Worker:
         self.started = 0.0
         self.young_deaths = 0               # deaths in a row, each soon after start
         self.message = ""                   # what the worker wrote on its pipe
-        self.exit_code: int | None = None
 
     @property
     def name(self) -> str:
@@ -186,7 +185,8 @@ class Supervisor:
         self.poller.register(self.wakeup.fileno(), select.POLLIN)
         try:
             for worker in self.workers:
-                self._spawn(worker)
+                if not self.stopping:       # a failed fork stops start-up
+                    self._spawn(worker)
             if self.notifier.enabled:
                 self._every(STATUS_INTERVAL, self._report_status)
                 if self.notifier.watchdog_interval:
@@ -352,15 +352,18 @@ class Supervisor:
             self._stop("start-up failed: stopping the other workers")
             self._forward(signal.SIGTERM)
             return
+        cause = error or (how if was_ready else f"{how} before it was ready")
+        self._restart_later(worker, lived, f"{name} {cause}")
+
+    def _restart_later(self, worker: Worker, lived: float, what: str) -> None:
+        """At once after a long life; with a doubling delay while it dies young."""
         if lived >= STABLE_AFTER:
             worker.young_deaths = 0
             delay = 0.0
         else:
             delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** worker.young_deaths)
             worker.young_deaths += 1
-        cause = error or (how if was_ready else f"{how} before it was ready")
-        log.error("%s %s; restarting it%s", name, cause,
-                  f" in {delay:g}s" if delay else "")
+        log.error("%s; restarting it%s", what, f" in {delay:g}s" if delay else "")
         self.timers.add(time.monotonic() + delay, self._respawn, (worker,))
 
     def _respawn(self, worker: Worker) -> None:
@@ -378,6 +381,17 @@ class Supervisor:
             if pid == 0:
                 os.close(read_fd)
                 self._become_worker(worker, write_fd)     # never returns
+        except OSError as e:                # EAGAIN, ENOMEM: try again later
+            os.close(read_fd)
+            os.close(write_fd)
+            if not self.announced:
+                self.failure = f"cannot start worker {worker.number}: {e.strerror}"
+                self._stop("start-up failed: stopping the other workers")
+                self._forward(signal.SIGTERM)
+            else:
+                self._restart_later(worker, 0.0, f"cannot start worker {worker.number}: "
+                                                 f"{e.strerror}")
+            return
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(write_fd)
