@@ -376,3 +376,13 @@ def test_shared_counter_survives_a_redis_outage(shared_counter):
     c.send("1 global")
     shared_counter.run_threads()
     assert c.new() == ["1"]
+
+
+def test_lookup_answers_pending_lookups_before_closing_at_eof(lookup, monkeypatch):
+    monkeypatch.setattr(lookup.module, "_resolve", lambda host, delay: ["192.0.2.9"])
+    c = lookup.connect()
+    c.send("RESOLVE a")
+    assert c.close() == [] and not c.closed       # EOF waits for the lookup
+    lookup.run_threads()
+    assert c.new() == ["a 192.0.2.9"]
+    assert c.closed and c.close_reason == "eof"

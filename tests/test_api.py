@@ -1,0 +1,270 @@
+"""The handler API beyond requests (mpxd/__init__.py, mpxd/core.py), in the real daemon:
+run_in_thread, call_soon_threadsafe, sessions(), set_idle_timeout and the
+script hooks on_start, on_stop and on_reload."""
+
+from __future__ import annotations
+
+import select
+import signal
+import time
+
+from conftest import wait_until
+
+THREAD_SCRIPT = """
+import threading, time
+from mpxd import run_in_thread, call_soon_threadsafe, send_response
+
+def _say(s, text):
+    where = "loop" if threading.current_thread() is threading.main_thread() else "thread"
+    s.response = f"{text} on {where}"
+    send_response(s)
+
+def _upper(text):
+    return text.upper()
+
+def _fail(text):
+    raise ValueError(text)
+
+def _got(s, result):
+    if isinstance(result, BaseException):
+        _say(s, f"error {type(result).__name__} {result}")
+    else:
+        _say(s, f"result {result}")
+
+def handle_request(s):
+    command, _, arg = s.request.partition(" ")
+    if command == "upper":
+        run_in_thread(_upper, arg, then=lambda r: _got(s, r))
+    elif command == "fail":
+        run_in_thread(_fail, arg, then=lambda r: _got(s, r))
+    elif command == "fail-quietly":
+        run_in_thread(_fail, arg)
+        s.response = "started"
+    elif command == "sleep":
+        run_in_thread(time.sleep, float(arg), then=lambda r: _got(s, "slept"))
+    elif command == "own-thread":
+        def work():
+            time.sleep(0.05)
+            call_soon_threadsafe(_say, s, "from my thread")
+        threading.Thread(target=work).start()
+        s.response = "thread started"
+    else:
+        s.response = "pong"
+"""
+
+
+def test_run_in_thread_hands_the_result_to_then_on_the_loop_thread(daemon, write_script):
+    d = daemon(write_script(THREAD_SCRIPT))
+    c = d.connect()
+    assert c.ask("upper hello") == "result HELLO on loop"
+
+
+def test_run_in_thread_hands_an_exception_to_then(daemon, write_script):
+    d = daemon(write_script(THREAD_SCRIPT))
+    c = d.connect()
+    assert c.ask("fail nope") == "error ValueError nope on loop"
+    assert c.ask("ping") == "pong"
+
+
+def test_a_failing_job_without_then_is_logged_and_nothing_stops(daemon, write_script):
+    d = daemon(write_script(THREAD_SCRIPT))
+    c = d.connect()
+    assert c.ask("fail-quietly disk gone") == "started"
+    d.expect_log(r"ERROR run_in_thread _fail failed")
+    d.expect_log(r"ValueError: disk gone")
+    assert c.ask("ping") == "pong"
+
+
+def test_a_blocking_job_does_not_stall_other_sessions(daemon, write_script):
+    d = daemon(write_script(THREAD_SCRIPT))
+    slow, quick = d.connect(), d.connect()
+    slow.send_lines("sleep 2")
+    assert quick.ask("upper x") == "result X on loop"
+    assert quick.ask("ping") == "pong"
+    ready, _, _ = select.select([slow.sock], [], [], 0)
+    assert not ready                            # the slow answer is still to come
+    assert slow.readline() == "result slept on loop"
+
+
+def test_a_job_holds_a_half_closed_session_open_until_then_answers(daemon, write_script):
+    d = daemon(write_script(THREAD_SCRIPT))
+    c = d.connect()
+    c.send_lines("sleep 0.2", "upper late")     # as `printf ... | nc -N` does
+    c.shutdown_write()
+    answers = c.read_all().decode().splitlines()   # in the order the jobs finish
+    assert sorted(answers) == ["result LATE on loop", "result slept on loop"]
+    d.expect_log(r"closed: eof, [\d.]+s, 2 requests")
+
+
+def test_call_soon_threadsafe_from_a_thread_the_handler_started(daemon, write_script):
+    d = daemon(write_script(THREAD_SCRIPT))
+    c = d.connect()
+    assert c.ask("own-thread") == "thread started"
+    assert c.readline() == "from my thread on loop"
+
+
+def test_a_stop_is_not_held_up_by_a_job_that_never_returns(daemon, write_script):
+    d = daemon(write_script(THREAD_SCRIPT))
+    c = d.connect()
+    c.send_lines("sleep 600")
+    c.close()
+    assert d.stop(timeout=10) == 0              # not after 600 s
+
+
+SESSIONS_SCRIPT = """
+from mpxd import sessions, send_response
+
+def handle_request(s):
+    command, _, arg = s.request.partition(" ")
+    if command == "all":
+        sent = 0
+        for other in sessions():
+            other.response = f"all: {arg}"
+            sent += send_response(other)
+        s.response = f"sent to {sent}"
+    elif command == "idle":
+        s.set_idle_timeout(None if arg == "off" else float(arg))
+        s.response = f"idle {arg}"
+    else:
+        s.response = "pong"
+"""
+
+
+def test_sessions_lists_every_open_session_for_a_broadcast(daemon, write_script):
+    d = daemon(write_script(SESSIONS_SCRIPT))
+    clients = [d.connect() for _ in range(3)]
+    gone = d.connect()
+    for c in clients + [gone]:
+        assert c.ask("ping") == "pong"          # accepted and served
+    gone.close()
+    d.expect_log(r"closed: eof")
+    clients[0].send_lines("all hello")
+    assert clients[0].readlines(2) == ["all: hello", "sent to 3"]
+    assert clients[1].readline() == "all: hello"
+    assert clients[2].readline() == "all: hello"
+
+
+def test_set_idle_timeout_closes_only_that_session(daemon, write_script):
+    d = daemon(write_script(SESSIONS_SCRIPT))
+    sleepy, busy = d.connect(), d.connect()
+    assert sleepy.ask("idle 0.3") == "idle 0.3"
+    assert sleepy.read_all() == b""             # the server closed it
+    d.expect_log(r"closed: timeout")
+    assert busy.ask("ping") == "pong"
+
+
+def test_set_idle_timeout_none_overrides_the_idle_timeout_option(daemon, write_script):
+    d = daemon(write_script(SESSIONS_SCRIPT), "--idle-timeout", "0.3")
+    keeper, default = d.connect(), d.connect()
+    assert keeper.ask("idle off") == "idle off"
+    assert default.ask("ping") == "pong"
+    assert default.read_all() == b""            # --idle-timeout still applies here
+    assert keeper.ask("ping") == "pong"         # but not here
+
+
+def test_on_start_and_on_stop_run_once_around_the_service(daemon, write_script, tmp_path):
+    log = tmp_path / "hooks.log"
+    d = daemon(write_script(f"""
+import os
+
+def _note(text):
+    with open({str(log)!r}, "a") as f:
+        f.write(text + "\\n")
+
+def on_start(server):
+    _note(f"start {{os.getpid()}}")
+    server.call_later(0, _note, "timer from on_start")
+
+def on_stop(server):
+    _note(f"stop {{sum(1 for _ in server.sessions())}} open")
+
+def handle_request(s):
+    s.response = "pong"
+"""))
+    assert wait_until(lambda: log.exists() and "timer" in log.read_text())
+    assert d.connect().ask("ping") == "pong"
+    assert d.stop() == 0
+    assert log.read_text().splitlines() == [
+        f"start {d.pid}", "timer from on_start", "stop 0 open"]
+
+
+RELOAD_V1 = """
+count = 0
+
+def handle_request(s):
+    global count
+    count += 1
+    s.response = f"v1 {count}"
+"""
+
+RELOAD_V2 = """
+count = 0
+
+def on_reload(old_module):
+    global count
+    count = old_module.count
+
+def handle_request(s):
+    global count
+    count += 1
+    s.response = f"v2 {count}"
+"""
+
+
+def test_on_reload_carries_state_over_a_hup(daemon, write_script):
+    path = write_script(RELOAD_V1)
+    d = daemon(path)
+    c = d.connect()
+    assert [c.ask("x") for _ in range(3)] == ["v1 1", "v1 2", "v1 3"]
+    write_script(RELOAD_V2)
+    d.signal(signal.SIGHUP)
+    d.expect_log(r"reloaded")
+    assert c.ask("x") == "v2 4"                 # same session, state carried over
+
+
+def test_a_failing_on_reload_keeps_the_old_version(daemon, write_script):
+    path = write_script(RELOAD_V1)
+    d = daemon(path)
+    c = d.connect()
+    assert c.ask("x") == "v1 1"
+    write_script(RELOAD_V2.replace("count = old_module.count", "count = old_module.missing"))
+    d.signal(signal.SIGHUP)
+    d.expect_log(r"on_reload failed")
+    d.expect_log(r"reload failed, still serving the previous version")
+    assert c.ask("x") == "v1 2"
+
+
+def test_a_timer_started_before_a_reload_keeps_running(daemon, write_script):
+    source = """
+from mpxd import call_every, send_response
+VERSION = "{version}"
+subscribers = []
+
+def on_reload(old_module):
+    subscribers.extend(old_module.subscribers)
+
+def _push():
+    for s in subscribers:
+        s.response = "push"
+        send_response(s)
+
+def handle_request(s):
+    if s.request == "sub":
+        subscribers.append(s)
+        call_every(0.05, _push)
+    s.response = VERSION
+"""
+    path = write_script(source.format(version="v1"))
+    d = daemon(path)
+    c = d.connect()
+    assert c.ask("sub") == "v1"
+    assert c.readline() == "push"
+    write_script(source.format(version="v2"))
+    d.signal(signal.SIGHUP)
+    d.expect_log(r"reloaded")
+    c.send_lines("version?")
+    deadline = time.monotonic() + 5
+    while (line := c.readline()) == "push" and time.monotonic() < deadline:
+        pass
+    assert line == "v2"
+    assert c.readline() == "push"               # the old module's timer goes on

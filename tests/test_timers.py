@@ -1,0 +1,255 @@
+"""mpxd.timers: the TimerHeap on its own, and call_later/call_every in the real daemon."""
+
+from __future__ import annotations
+
+import time
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mpxd.timers import TimerHeap
+
+from conftest import wait_until
+
+
+def _run(heap: TimerHeap, now: float) -> list:
+    """Run what is due at ``now``; return the callbacks' recorded values."""
+    ran = []
+    heap.run_due(now, lambda timer: ran.append(timer.callback(*timer.args)))
+    return ran
+
+
+# ------------------------------------------------------------ TimerHeap
+
+def test_an_empty_heap_has_no_deadline():
+    assert TimerHeap().next_deadline() is None
+
+
+def test_next_deadline_is_the_earliest_timer():
+    heap = TimerHeap()
+    heap.add(5.0, lambda: None)
+    heap.add(2.0, lambda: None)
+    heap.add(9.0, lambda: None)
+    assert heap.next_deadline() == 2.0
+
+
+def test_cancelled_timers_do_not_count_for_the_deadline_and_are_dropped():
+    heap = TimerHeap()
+    first = heap.add(1.0, lambda: None)
+    heap.add(3.0, lambda: None)
+    first.cancel()
+    assert heap.next_deadline() == 3.0
+    assert len(heap) == 1
+
+
+def test_run_due_runs_only_due_timers_in_deadline_order():
+    heap = TimerHeap()
+    heap.add(3.0, lambda: "c")
+    heap.add(1.0, lambda: "a")
+    heap.add(2.0, lambda: "b")
+    heap.add(4.5, lambda: "late")
+    assert _run(heap, 3.0) == ["a", "b", "c"]
+    assert heap.next_deadline() == 4.5
+    assert _run(heap, 4.0) == []
+    assert _run(heap, 4.5) == ["late"]
+
+
+def test_timers_due_at_the_same_time_run_in_the_order_they_were_added():
+    heap = TimerHeap()
+    for name in "abcde":
+        heap.add(1.0, lambda n=name: n)
+    assert _run(heap, 1.0) == list("abcde")
+
+
+def test_arguments_are_passed_to_the_callback():
+    heap = TimerHeap()
+    heap.add(0.0, lambda x, y: (x, y), (1, "two"))
+    assert _run(heap, 0.0) == [(1, "two")]
+
+
+def test_a_cancelled_timer_never_runs():
+    heap = TimerHeap()
+    timer = heap.add(1.0, lambda: "no")
+    timer.cancel()
+    timer.cancel()                      # twice is harmless
+    assert _run(heap, 10.0) == []
+    assert "cancelled" in repr(timer)
+
+
+def test_a_repeating_timer_keeps_to_its_schedule():
+    heap = TimerHeap()
+    heap.add(1.0, lambda: "tick", (), 1.0)
+    assert _run(heap, 1.2) == ["tick"]
+    assert heap.next_deadline() == 2.0          # not 2.2: no drift
+    assert _run(heap, 2.0) == ["tick"]
+    assert heap.next_deadline() == 3.0
+
+
+def test_a_repeating_timer_skips_runs_missed_during_a_stall():
+    heap = TimerHeap()
+    heap.add(1.0, lambda: "tick", (), 1.0)
+    assert _run(heap, 5.5) == ["tick"]          # once, not five times
+    assert heap.next_deadline() == 6.5
+
+
+def test_a_repeating_timer_may_cancel_itself():
+    heap = TimerHeap()
+    count = []
+
+    def tick():
+        count.append(1)
+        if len(count) == 3:
+            timer.cancel()
+
+    timer = heap.add(1.0, tick, (), 1.0)
+    for now in range(1, 10):
+        _run(heap, float(now))
+    assert len(count) == 3
+    assert heap.next_deadline() is None
+
+
+def test_a_callback_may_cancel_a_timer_due_in_the_same_pass():
+    heap = TimerHeap()
+    ran = []
+    heap.add(1.0, lambda: (ran.append("first"), second.cancel()))
+    second = heap.add(1.0, lambda: ran.append("second"))
+    heap.run_due(1.0, lambda timer: timer.callback())
+    assert ran == ["first"]
+
+
+def test_a_timer_added_for_now_by_a_callback_waits_for_the_next_pass():
+    heap = TimerHeap()
+    ran = []
+
+    def again():
+        ran.append("again")
+        heap.add(1.0, again)            # due already: must not loop forever
+
+    heap.add(1.0, again)
+    heap.run_due(1.0, lambda timer: timer.callback())
+    assert ran == ["again"]
+    heap.run_due(1.0, lambda timer: timer.callback())
+    assert ran == ["again", "again"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 50), st.booleans()), max_size=40),
+       st.lists(st.integers(0, 60), max_size=10))
+def test_every_live_one_shot_timer_runs_once_in_order_and_never_early(specs, steps):
+    heap = TimerHeap()
+    ran: list[tuple[float, int]] = []
+    clock = {"now": 0.0}
+    timers = []
+    for index, (when, cancelled) in enumerate(specs):
+        timer = heap.add(float(when), lambda w, i: ran.append((w, i)), (float(when), index))
+        if cancelled:
+            timer.cancel()
+        timers.append(timer)
+
+    def run(timer):
+        assert timer.when <= clock["now"]
+        timer.callback(*timer.args)
+
+    for now in sorted(steps) + [100]:
+        clock["now"] = float(now)
+        heap.run_due(float(now), run)
+    expected = sorted((float(w), i) for i, (w, c) in enumerate(specs) if not c)
+    assert ran == expected
+    assert heap.next_deadline() is None
+
+
+# ------------------------------------------------------- in the daemon
+
+TIMER_SCRIPT = """
+from mpxd import call_later, call_every, send_response
+
+ticks = {"count": 0}
+timer = None
+
+def _say(s, text):
+    s.response = text
+    send_response(s)
+
+def _tick(s):
+    ticks["count"] += 1
+    _say(s, f"tick {ticks['count']}")
+
+def _fail():
+    raise ZeroDivisionError("timer went wrong")
+
+def handle_request(s):
+    global timer
+    command, _, arg = s.request.partition(" ")
+    if command == "later":
+        delay, _, text = arg.partition(" ")
+        call_later(float(delay), _say, s, text)
+        s.response = "scheduled"
+    elif command == "every":
+        timer = call_every(float(arg), _tick, s)
+        s.response = "started"
+    elif command == "cancel":
+        timer.cancel()
+        s.response = f"cancelled after {ticks['count']}"
+    elif command == "count":
+        s.response = f"count {ticks['count']}"
+    elif command == "fail":
+        call_later(0, _fail)
+        call_later(0.1, _say, s, "still here")
+        s.response = "failing"
+    else:
+        s.response = "pong"
+"""
+
+
+def test_call_later_answers_after_the_delay(daemon, write_script):
+    d = daemon(write_script(TIMER_SCRIPT))
+    c = d.connect()
+    started = time.monotonic()
+    c.send_lines("later 0.3 first", "later 0.1 second")
+    assert c.readlines(2) == ["scheduled", "scheduled"]
+    assert c.readline() == "second"             # the shorter delay fires first
+    assert c.readline() == "first"
+    assert time.monotonic() - started >= 0.3    # never early
+    assert c.ask("ping") == "pong"
+
+
+def test_call_every_repeats_until_cancelled(daemon, write_script):
+    d = daemon(write_script(TIMER_SCRIPT))
+    c = d.connect()
+    assert c.ask("every 0.05") == "started"
+    assert c.readlines(3) == ["tick 1", "tick 2", "tick 3"]
+    c.send_lines("cancel")
+    lines = []
+    while not (line := c.readline()).startswith("cancelled"):
+        lines.append(line)                      # ticks that fired before the cancel
+    stopped_at = int(line.split()[-1])
+    assert lines == [f"tick {n}" for n in range(4, stopped_at + 1)]
+    time.sleep(0.3)                             # six intervals: no tick may come
+    assert c.ask("count") == f"count {stopped_at}"
+
+
+def test_a_failing_timer_is_logged_and_the_loop_carries_on(daemon, write_script):
+    d = daemon(write_script(TIMER_SCRIPT))
+    c = d.connect()
+    assert c.ask("fail") == "failing"
+    d.expect_log(r"ERROR timer _fail failed")
+    d.expect_log(r"ZeroDivisionError: timer went wrong")
+    assert c.readline() == "still here"         # a later timer still runs
+    assert c.ask("ping") == "pong"              # and the session is still served
+    other = d.connect()
+    assert other.ask("ping") == "pong"
+
+
+def test_call_later_from_on_start_runs_without_any_client(daemon, write_script, tmp_path):
+    marker = tmp_path / "fired"
+    d = daemon(write_script(f"""
+from mpxd import call_later
+
+def on_start(server):
+    call_later(0.05, lambda: open({str(marker)!r}, "w").write("fired"))
+
+def handle_request(s):
+    s.response = "pong"
+"""))
+    assert wait_until(marker.exists)
+    assert d.connect().ask("ping") == "pong"
