@@ -21,11 +21,14 @@
  *
  * Prints one line:
  *   reqs=N rps=R conns=C depth=D errors=E bad=B p50_us=.. p99_us=.. max_us=..
- *   connects=K secs=S loadgen_cpu=F server_cpu_s=X
+ *   connects=K secs=S loadgen_cpu=F server_cpu_s=X loadgen_waited=W server_waited=V
  * Latency is per round trip (first byte sent to last answer read);
  * loadgen_cpu is this program's own CPU time over the window divided by the
  * window (1.0 = one core saturated: the load generator is the bottleneck);
- * server_cpu_s is -1 without -P.
+ * the *_waited figures are the share of the window this program and the -P
+ * processes spent ready to run but waiting for their core (from
+ * /proc/PID/schedstat): other work on the machine.  server_cpu_s and
+ * server_waited are -1 without -P.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -105,6 +108,25 @@ static double server_cpu(void) {
             ticks += utime + stime;
     }
     return (double)ticks / sysconf(_SC_CLK_TCK);
+}
+
+/* Seconds the given process (its main thread) waited on a run queue, ready
+ * to run but not running: time another process had its core. */
+static double run_delay(int pid) {
+    char path[64];
+    snprintf(path, sizeof path, pid ? "/proc/%d/schedstat" : "/proc/self/schedstat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    unsigned long long on_cpu = 0, waited = 0;
+    int n = fscanf(f, "%llu %llu", &on_cpu, &waited);
+    fclose(f);
+    return n == 2 ? waited / 1e9 : 0;
+}
+
+static double servers_run_delay(void) {
+    double total = 0;
+    for (int i = 0; i < npids; i++) total += run_delay(pids[i]);
+    return total;
 }
 
 static void record(double us) {
@@ -263,11 +285,13 @@ int main(int argc, char **argv) {
     for (int i = 0; i < nconns; i++) { cs[i].fd = -1; cs[i].state = CLOSED; }
     int opened = 0, ready = 0, in_flight = 0;
 
-    double t_start = 0, t_end = 0, cpu0 = 0, server0 = 0, setup_deadline = now() + SETUP_LIMIT;
+    double t_start = 0, t_end = 0, cpu0 = 0, server0 = 0, wait0 = 0, server_wait0 = 0;
+    double setup_deadline = now() + SETUP_LIMIT;
     if (churn) {
         measuring = 1;
         t_start = now(); t_end = t_start + secs;
         cpu0 = own_cpu(); server0 = server_cpu();
+        wait0 = run_delay(0); server_wait0 = servers_run_delay();
         for (int i = 0; i < nconns; i++) open_conn(&cs[i]);
     }
 
@@ -290,6 +314,7 @@ int main(int argc, char **argv) {
                 measuring = 1;
                 t_start = now(); t_end = t_start + secs;
                 cpu0 = own_cpu(); server0 = server_cpu();
+                wait0 = run_delay(0); server_wait0 = servers_run_delay();
                 for (int i = 0; i < nconns; i++)
                     if (cs[i].state == READY && start_round(&cs[i]) < 0) {
                         errors++; close_conn(&cs[i], 0); open_conn(&cs[i]);
@@ -349,6 +374,8 @@ int main(int argc, char **argv) {
     double elapsed = now() - t_start;
     double cpu = (own_cpu() - cpu0) / elapsed;
     double server = npids ? server_cpu() - server0 : -1;
+    double waited = (run_delay(0) - wait0) / elapsed;
+    double server_waited = npids ? (servers_run_delay() - server_wait0) / elapsed : -1;
 
     qsort(lat, nlat, sizeof *lat, cmpf);
     double p50 = nlat ? lat[nlat / 2] : 0;
@@ -356,8 +383,8 @@ int main(int argc, char **argv) {
     double mx = nlat ? lat[nlat - 1] : 0;
     printf("reqs=%lld rps=%.0f conns=%d depth=%d errors=%lld bad=%lld p50_us=%.0f "
            "p99_us=%.0f max_us=%.0f connects=%lld secs=%.3f loadgen_cpu=%.3f "
-           "server_cpu_s=%.3f\n",
+           "server_cpu_s=%.3f loadgen_waited=%.3f server_waited=%.3f\n",
            reqs, reqs / elapsed, nconns, depth, errors, bad, p50, p99, mx, connects,
-           elapsed, cpu, server);
+           elapsed, cpu, server, waited, server_waited);
     return 0;
 }

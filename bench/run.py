@@ -57,6 +57,7 @@ SCALING_CONNS = (10, 100, 1000, 10_000)
 SCALING_DEPTHS = (1, 4, 16, 64)
 START_TIMEOUT = 20.0        # seconds for a server to print its listening line
 SETTLE_TIMEOUT = 60.0       # seconds for a server to take or drop the idle crowd
+PIP_TIMEOUT = 90.0          # seconds for installing uvloop before going on without it
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 PR_SET_PDEATHSIG = 1
 try:
@@ -109,6 +110,8 @@ class Result:
     loadgen_cpu: float          # the load generator's share of its own core
     server_cpu_s: float
     secs: float                 # the measured window
+    server_waited: float        # share of the window the server waited for its core
+    loadgen_waited: float       # the same for the load generator
 
     @property
     def server_busy(self) -> float:
@@ -309,7 +312,9 @@ class Bench:
                       p99_us=float(v["p99_us"]), max_us=float(v["max_us"]),
                       errors=int(v["errors"]), bad=int(v["bad"]),
                       loadgen_cpu=float(v["loadgen_cpu"]),
-                      server_cpu_s=float(v["server_cpu_s"]), secs=float(v["secs"]))
+                      server_cpu_s=float(v["server_cpu_s"]), secs=float(v["secs"]),
+                      server_waited=float(v["server_waited"]),
+                      loadgen_waited=float(v["loadgen_waited"]))
 
     @contextlib.contextmanager
     def idle_crowd(self, server: Server, count: int) -> Iterator[int]:
@@ -396,8 +401,10 @@ def run_rounds(report: Report, servers: dict[str, Server], bench: Bench) -> None
                           f"{(during - before) * 1024 / n:,.0f} bytes each", flush=True)
                 flag = "" if not (result.errors or result.bad) else \
                     f"  errors={result.errors} bad={result.bad}"
-                print(f"  round {r + 1} ({w.key}) {server.spec.label:28} {result.rps:>10,.0f} req/s "
+                print(f"  round {r + 1} ({w.key}) {server.spec.label:28} "
+                      f"{result.rps:>10,.0f} req/s "
                       f"{result.cpu_us:7.2f} us/req  p99 {result.p99_us:>7,.0f} us  "
+                      f"server busy {result.server_busy:4.0%} waiting {result.server_waited:4.0%}  "
                       f"loadgen {result.loadgen_cpu:4.0%}{flag}", flush=True)
 
 
@@ -465,8 +472,9 @@ def ensure_uvloop(install: bool) -> str | None:
         return None
     if install:
         print("installing uvloop into the venv for the comparison (pip install uvloop)")
-        subprocess.run([PYTHON, "-m", "pip", "install", "--quiet", "uvloop"],
-                       capture_output=True)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run([PYTHON, "-m", "pip", "install", "--quiet", "uvloop"],
+                           capture_output=True, timeout=PIP_TIMEOUT)
         if subprocess.run(check, capture_output=True).returncode == 0:
             return None
     return "uvloop is not installed and could not be installed (pip install uvloop)"
@@ -588,7 +596,10 @@ class Tables:
             cells = []
             for w in WORKLOADS:
                 ratio = self.per_round_ratio(w.key, "mpxd", attr, "best")
-                ok = None if ratio != ratio else (ratio <= limit if better == "low" else ratio >= limit)
+                if ratio != ratio:
+                    ok = None
+                else:
+                    ok = ratio <= limit if better == "low" else ratio >= limit
                 cells.append(f"{num(ratio, 2)} {verdict(ok)}")
             rows.append([label] + cells)
         return rows
@@ -703,8 +714,13 @@ def sections(report: Report, render) -> list[tuple[str, str]]:
         ("Server CPU time per request, microseconds (median; lower is better)",
          render(t.metric_table("cpu_us", 2))),
         ("Latency p99 per round trip, microseconds (median)", render(t.metric_table("p99_us"))),
-        ("Server CPU, share of its core (median; below 100%, the server waited for work)",
+        ("Server CPU, share of its core (median; below 100%, the server was waiting: "
+         "for work, or for its core, next table)",
          render(t.metric_table("server_busy", 0, 100))),
+        ("Server waiting for its core while ready to run, share of the window, summed over "
+         "its processes (median; other work on the machine, or its own other processes, "
+         "had the core)",
+         render(t.metric_table("server_waited", 0, 100))),
         ("Load generator CPU, share of its core (median; 100% would mean it is the bottleneck)",
          render(t.metric_table("loadgen_cpu", 0, 100))),
         ("Ratios mpxd / other, median of the per-round ratios "
@@ -717,9 +733,9 @@ def sections(report: Report, render) -> list[tuple[str, str]]:
                     "time the server holds them)",
                     render(t.memory_table())))
     if report.scaling:
-        out.append(("Throughput against connections (1 request per round trip)",
+        out.append(("Throughput against connections (1 request per round trip; single runs)",
                     render(t.scaling_table())))
-        out.append((f"Latency against pipelining depth ({CONNS} connections)",
+        out.append((f"Latency against pipelining depth ({CONNS} connections; single runs)",
                     render(t.depth_table())))
     return out
 
@@ -799,7 +815,16 @@ make bench                                   # all of it, a few minutes
 .venv/bin/python bench/run.py --quick        # one short round, about a minute
 .venv/bin/python bench/run.py --rounds 5 --seconds 3 --write-docs
 .venv/bin/python bench/run.py --profile      # mpxd under cProfile, per-request costs
+.venv/bin/python bench/run.py --from-results --write-docs   # redo tables from the last run
 ```
+
+How steady the figures are: four full runs on this machine within one
+afternoon, with other work coming and going, gave CPU ratios against the
+best peer of 0.75 to 1.04 for (a), 0.68 to 0.78 for (b), 1.43 to 1.48 for
+(c) and 0.77 to 1.05 for (d).  mpxd's own CPU per request hardly moved
+(7.6 to 8.0 us in (a)); uvloop's did (7.5 us on a quiet machine, 9 to 10 us
+on a busy one, where its batches per wake-up are smaller).  Compare runs
+taken together, and look at the waiting table before trusting req/s.
 """
 
 DOCS_WHY = """\
@@ -814,9 +839,9 @@ changing the hot path):
   to come out of the remaining 3 to 5 us of Python per request.
 * Churn: mpxd logs one INFO line per closed session (SPEC section 5), by
   default; formatting and writing it is about a third of mpxd's CPU per
-  connection (about 31 us per connection at the default level against about
-  20 us with `--log-level warning`, where mpxd is ahead of uvloop).  The
-  peers log nothing.
+  connection (about 30 us per connection at the default level against about
+  20 us with `--log-level warning`, about uvloop's figure).  The peers log
+  nothing.
 """
 
 
@@ -833,10 +858,11 @@ DOCS_READING = """\
   generator or the kernel's loopback path is), req/s ratios move towards 1
   while CPU ratios still show the difference.
 * When neither the server nor the load generator uses its whole core (the
-  two CPU share tables), requests per second are set by how fast the two
-  wake each other up across cores, and on a virtual machine shared with other
-  work by its stalls (they are also what puts p99 in the milliseconds for
-  every server, the C one included).  CPU per request is unaffected by that.
+  CPU share tables), requests per second are set by how fast the two wake
+  each other up across cores and, on a machine shared with other work, by
+  how long the server waits for its core (the waiting table): such stalls
+  also put p99 in the milliseconds for every server, the C one included.
+  CPU per request is hardly affected by either.
 * The C yardstick row is what the load generator reaches against a server that
   costs almost nothing; the load generator CPU table shows how close to its
   own core's limit it ran.  Against the Python servers it has headroom, so
@@ -878,16 +904,36 @@ def write_docs(report: Report) -> None:
     print(f"wrote {DOCS.relative_to(ROOT)}")
 
 
+RESULTS = OUT / "results.json"
+
+
 def save_json(report: Report) -> Path:
-    path = OUT / "results.json"
+    """Everything measured, so that ``--from-results`` can redo the tables."""
     data = {"machine": report.machine, "rounds": report.rounds, "seconds": report.seconds,
+            "elapsed": report.elapsed, "specs": [vars(s) for s in report.specs],
             "runs": {w: {k: [vars(x) for x in v] for k, v in by.items()}
                      for w, by in report.runs.items()},
             "memory": report.memory, "skipped": report.skipped,
             "scaling": {k: {c: vars(x) for c, x in v.items()} for k, v in report.scaling.items()},
             "depths": {k: {d: vars(x) for d, x in v.items()} for k, v in report.depths.items()}}
-    path.write_text(json.dumps(data, indent=1))
-    return path
+    RESULTS.write_text(json.dumps(data, indent=1))
+    return RESULTS
+
+
+def load_json(path: Path) -> Report:
+    """The ``Report`` a previous run saved with ``save_json``."""
+    data = json.loads(path.read_text())
+    report = Report(machine=data["machine"], rounds=data["rounds"], seconds=data["seconds"],
+                    specs=[ServerSpec(**{**s, "argv": tuple(s["argv"])}) for s in data["specs"]],
+                    elapsed=data["elapsed"], skipped=data["skipped"],
+                    memory={k: tuple(v) for k, v in data["memory"].items()})
+    report.runs = {w: {k: [Result(**x) for x in v] for k, v in by.items()}
+                   for w, by in data["runs"].items()}
+    report.scaling = {k: {int(c): Result(**x) for c, x in v.items()}
+                      for k, v in data["scaling"].items()}
+    report.depths = {k: {int(d): Result(**x) for d, x in v.items()}
+                     for k, v in data["depths"].items()}
+    return report
 
 
 # ------------------------------------------------------------------- the main
@@ -913,6 +959,9 @@ def parse_args() -> argparse.Namespace:
                         help="write the results into docs/performance.md")
     parser.add_argument("--no-install", action="store_true",
                         help="do not pip install uvloop when it is missing")
+    parser.add_argument("--from-results", action="store_true",
+                        help="measure nothing: print the tables (and with --write-docs, "
+                             "write the docs) from the last run's bench/out/results.json")
     parser.add_argument("--profile", action="store_true",
                         help="only profile mpxd (cProfile) under workloads a, b, c and "
                              "print per-request costs")
@@ -924,6 +973,12 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    if args.from_results:
+        report = load_json(RESULTS)
+        print_report(report)
+        if args.write_docs:
+            write_docs(report)
+        return 0
     started = time.monotonic()
     build()
     server_cpus, load_cpus, pinning = pick_cpus()
