@@ -79,6 +79,7 @@ class Core:
         self._low_water = config.low_water
         self._max_output = config.max_output
         self._max_line = config.max_line
+        self._idle_timeout = config.idle_timeout
         # figures for logs, STATUS= and the control channel
         self.connections_total = 0
         self.requests_total = 0
@@ -142,8 +143,8 @@ class Core:
             s.tls_peer = tls_peer       # before handle_open, which may look at it
         self.sessions_by_id[session_id] = s
         self.connections_total += 1
-        if self.config.idle_timeout:
-            self.set_idle_timeout(s, self.config.idle_timeout)
+        if self._idle_timeout:
+            self.set_idle_timeout(s, self._idle_timeout)
         if self._handle_open is not None:
             s._batch = batch = []
             self._handling = s

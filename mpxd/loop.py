@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from .config import Config
 from .core import Core, format_peer
+from .logs import flush_batched, start_batching, stop_batching
 from .script import ScriptError, load_script
 from .session import Session
 from .signals import Wakeup
@@ -62,6 +63,10 @@ class _Poller:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
+        # epoll drops a descriptor from its set when the descriptor is closed
+        # (when no duplicate of it is left open: mpxd makes none), so a
+        # session closed at once needs no unregister call; poll does not.
+        self.forgets_closed = kind == "epoll"
         if kind == "epoll":
             self._p = select.epoll()
             self.wait = self._p.poll
@@ -132,9 +137,11 @@ class Loop:
             if self.notifier.watchdog_interval:
                 core.call_every(self.notifier.watchdog_interval, self.notifier.watchdog)
         self.running = True
+        start_batching()            # log lines: one write per pass
         try:
             self._serve()
         finally:
+            stop_batching()
             self.running = False
             core.stop()
             self._wakeup.close()
@@ -151,6 +158,7 @@ class Loop:
         data_received = core.data_received
         flush = self._flush
         read = os.read
+        write_log_lines = flush_batched
         while self.running:
             deadline = core.next_deadline()
             if ready:
@@ -193,6 +201,7 @@ class Loop:
                 for s in dirty:
                     flush(s)
                 dirty.clear()
+            write_log_lines()
             if self.draining and not conns and not self.lingering:
                 break
 
@@ -317,7 +326,8 @@ class Loop:
     def _broken(self, s: Session, e: OSError) -> None:
         """A socket call failed: routine errors quietly, others loudly."""
         if e.errno in ROUTINE_ERRNOS:
-            log.debug("session %d %s: %s", s.id, format_peer(s.peer), e.strerror)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("session %d %s: %s", s.id, format_peer(s.peer), e.strerror)
             reason = "reset"
         else:
             log.error("session %d %s: socket error", s.id, format_peer(s.peer),
@@ -331,13 +341,15 @@ class Loop:
         if s._finished:
             return
         fd = s._fd
-        if self.conns.pop(fd, None) is not None:
+        close_now = s._eof or s._abort
+        if self.conns.pop(fd, None) is not None and not (
+                close_now and self.poller.forgets_closed):
             try:
                 self.poller.unregister(fd)
             except (OSError, KeyError, ValueError):
                 pass
         s._wbuf = None
-        if s._eof or s._abort:
+        if close_now:
             # After EOF nothing unread can be left; an abort means to reset.
             _close_fd(fd)
         else:
