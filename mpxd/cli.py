@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import Config
+from .config import Config, water_marks
 from .core import Core
 from .daemonize import Detached, detach
 from .edge import Edge, edge_options, edge_settings
@@ -126,11 +126,11 @@ def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller
         click.echo(f"{os.path.abspath(script)}: ok")
         return
 
-    high_water = min(1024 * 1024, max(1, max_output // 16))
+    high_water, low_water = water_marks(max_output)
     config = Config(
         script=os.path.abspath(script), port=port,
         hosts=tuple(hosts) or ("127.0.0.1", "::1"), eol=EOLS[eol], poller=poller,
-        max_line=max_line, high_water=high_water, low_water=high_water // 4,
+        max_line=max_line, high_water=high_water, low_water=low_water,
         max_output=max_output, max_connections=max_connections,
         idle_timeout=idle_timeout, drain_timeout=drain_timeout, threads=threads,
         pidfile=os.path.abspath(pidfile) if pidfile else None,
@@ -183,9 +183,9 @@ def run(config: Config, inherited: list) -> int:
             edge.close()
         if pidfile is not None:
             pidfile.release()
+        log.error("%s", e)      # before the report: the waiting command may read the log
         if detached is not None:
             detached.failed(str(e))
-        log.error("%s", e)
         if not config.daemon and log.handlers and not _logs_to_stderr():
             click.echo(f"Error: {e}", err=True)
         return 1

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Config"]
+__all__ = ["Config", "water_marks"]
 
 KiB = 1024
 MiB = 1024 * KiB
+
+
+def water_marks(max_output: int) -> tuple[int, int]:
+    """``(high_water, low_water)`` for a ``--max-output``: reading stops at the
+    high mark (1 MiB, or a sixteenth of ``max_output`` if that is less) and
+    resumes once unsent output falls to the low mark, a quarter of it."""
+    high_water = min(1 * MiB, max(1, max_output // 16))
+    return high_water, high_water // 4
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,25 @@ class Core:
             self.request_close(s, "eof")
         self.dirty.append(s)
 
+    def after_write(self, s: Session, unsent: bool) -> bool:
+        """The edge wrote what it could of ``s``'s output; ``unsent``: some is left.
+
+        Returns True when the edge should close the connection now: ``s`` is
+        closing and all its output is out.  A paused session whose output
+        fell to the low-water mark reads again (``output_drained``).  Every
+        edge (the loop, the test harness) asks this rather than decide.
+        """
+        if s._closing:
+            return not unsent
+        if s._paused and s._out_size <= self._low_water and not s._throttled:
+            self.output_drained(s)
+        return False
+
+    @staticmethod
+    def wants_input(s: Session) -> bool:
+        """Whether the edge should read ``s``: not while paused, closing or closed."""
+        return not (s._paused or s._closing or s._finished)
+
     def finish(self, s: Session) -> None:
         """The edge closed ``s``'s connection: run ``handle_close`` once, log it."""
         if s._finished:
@@ -322,9 +341,14 @@ class Core:
     def _queue_batch(self, s: Session, batch: list[str]) -> None:
         """Encode responses as lines and append them to ``s``'s output."""
         eol = self._eol
-        text = eol.join(batch)
-        if text.count("\n") != len(batch) - 1:   # line breaks inside responses
-            text = eol.join([self._as_lines(r) for r in batch])
+        if len(batch) == 1:                 # one request per read: the usual case
+            text = batch[0]
+            if "\n" in text:
+                text = self._as_lines(text)
+        else:
+            text = eol.join(batch)
+            if text.count("\n") != len(batch) - 1:   # line breaks inside responses
+                text = eol.join([self._as_lines(r) for r in batch])
         data = (text + eol).encode("utf-8", "surrogateescape")
         out = s._out
         if out is None:

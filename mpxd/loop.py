@@ -307,14 +307,13 @@ class Loop:
                 s._woff = offset
                 break
             s._wbuf = None
-        if s._closing:
-            if s._wbuf is None:
+        if s._closing or s._paused:         # the core decides what comes next
+            if self.core.after_write(s, s._wbuf is not None):
                 self._close(s)
                 return
-        elif s._paused and s._out_size <= self.config.low_water and not s._throttled:
-            self.core.output_drained(s)     # reads again; s is dirty again
-            return
-        want = 0 if (s._paused or s._closing) else IN
+            want = IN if self.core.wants_input(s) else 0
+        else:
+            want = IN
         if s._wbuf is not None:
             want |= OUT
         if want != s._mask:

@@ -4,12 +4,34 @@ Every case runs twice: through the Harness (fake edge, fake clock) and
 through the real ``mpxd`` command over TCP (the ``daemon`` fixture).  Both
 must produce exactly the expected bytes and end the session for the same
 reason, which shows that the harness and the daemon agree on the SPEC's
-sections 2-4.  The daemon's reason comes from its one log line per session
-(``session N HOST:PORT closed: REASON, ...``), found by the client's port.
+sections 2-4.  The reason comes from the one log line per session
+(``session N HOST:PORT closed: REASON, ...``) that the core logs on both
+sides, found by the client's port.
+
+What is covered, by SPEC section:
+
+* 2, the session object: ``s.handle``/``s.request``/``s.response``/``s.peer``/
+  ``s.id``/``s.closed`` as a handler sees them, the methods (``session
+  object ...`` cases); ``send_response`` from the own handler, to another
+  session (broadcast), from a timer, and on a gone session (``False``);
+  ``close_session`` writes what is queued and drops unhandled lines.
+* 3, lines on the wire: the ``CASES`` table (LF and CRLF input, bare CR and
+  NUL, empty lines, invalid UTF-8, final line without LF at EOF, pipelining,
+  ``--eol crlf``, line breaks inside a response, a trailing one not doubled,
+  empty responses, ``--max-line`` (set and default) with its error line,
+  log line and close).
+* 4, connection life: ``handle_close`` exactly once for EOF, reset,
+  close_session, idle timeout, handler error, shutdown and a session without
+  requests; half-close; a handler error logged with traceback, peer and
+  request while other sessions carry on; ``--idle-timeout``; a client that
+  does not read closed past ``--max-output``.  ``--max-connections`` and
+  EMFILE are the socket edge's alone (the harness has no sockets).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import socket
 import struct
@@ -24,11 +46,18 @@ from mpxd.testing import Harness, cli_args
 # ------------------------------------------------------------ two sides
 
 
+def closed_line(host: str, port: int) -> str:
+    """The pattern of the core's log line for the session of client ``port``."""
+    return rf"session \d+ {re.escape(host)}:{port} closed: ([^,\r\n]+),"
+
+
 class HarnessPeer:
     """A client of the Harness, read like a socket: line by line or to the end."""
 
-    def __init__(self, harness: Harness) -> None:
-        self.client = harness.connect()
+    def __init__(self, side: HarnessSide) -> None:
+        self.side = side
+        self.client = side.harness.connect()
+        self.port = self.client.peer[1]
         self.read = 0
 
     def send(self, data: bytes) -> None:
@@ -39,6 +68,9 @@ class HarnessPeer:
 
     def reset(self) -> None:
         self.client.reset()
+
+    def stop_reading(self) -> None:
+        self.client.pause_reading()
 
     def readline(self) -> bytes:
         output = self.client.output
@@ -54,21 +86,47 @@ class HarnessPeer:
 
     def reason(self) -> str:
         assert self.client.closed, "the session is still open"
-        return self.client.close_reason
+        logged = self.side.wait_for_log(closed_line(*self.client.peer)).group(1)
+        assert logged == self.client.close_reason
+        return logged
 
 
 class HarnessSide:
+    """A Harness whose ``mpxd`` log records are kept, as the daemon's stderr is."""
+
     def __init__(self, script: str, options: dict[str, Any]) -> None:
+        self.messages: list[str] = []
+        self.logger = logging.getLogger("mpxd")
+        self.level = self.logger.level
+        self.handler = logging.Handler()
+        self.handler.emit = lambda record: self.messages.append(record.getMessage())
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.INFO)      # the daemon's default --log-level
         self.harness = Harness(script, **options)
+        self.pid = os.getpid()
+        self.closed = False
 
     def connect(self) -> HarnessPeer:
-        return HarnessPeer(self.harness)
+        return HarnessPeer(self)
 
     def idle(self, seconds: float) -> None:
         self.harness.advance(seconds)
 
+    def wait_for_log(self, pattern: str) -> re.Match:
+        """Search what the core logged (nothing is late: the harness runs to idle)."""
+        match = re.search(pattern, "\n".join(self.messages), re.S)
+        assert match, f"no log line {pattern!r}:\n" + "\n".join(self.messages)
+        return match
+
     def close(self) -> None:
-        self.harness.close()
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.harness.close()
+        finally:
+            self.logger.removeHandler(self.handler)
+            self.logger.setLevel(self.level)
 
 
 class DaemonPeer:
@@ -90,6 +148,9 @@ class DaemonPeer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
 
+    def stop_reading(self) -> None:
+        """Simply never call recv again: the kernel's buffers fill, then mpxd's."""
+
     def readline(self) -> bytes:
         while b"\n" not in self.buffer:
             chunk = self.sock.recv(65536)
@@ -107,14 +168,16 @@ class DaemonPeer:
         return b"".join(chunks)
 
     def reason(self) -> str:
-        return self.side.wait_for_log(
-            rf"session \d+ 127\.0\.0\.1:{self.port} closed: ([^,\r\n]+),").group(1)
+        return self.side.wait_for_log(closed_line("127.0.0.1", self.port)).group(1)
 
 
 class DaemonSide:
     def __init__(self, daemon_fixture: Callable, script: str, options: dict[str, Any]):
         self.daemon = daemon_fixture(script, *cli_args(**options))
-        self.log = ""
+        self.pid = self.daemon.pid
+        # what the child printed after "listening on" in the same read
+        self.log = self.daemon.child.buffer.decode("utf-8", "replace")
+        self.closed = False
 
     def connect(self) -> DaemonPeer:
         return DaemonPeer(self)
@@ -125,7 +188,9 @@ class DaemonSide:
     def wait_for_log(self, pattern: str, timeout: float = 5.0) -> re.Match:
         """Search everything the daemon logged so far, then read more until it matches."""
         child = self.daemon.child
-        while not (match := re.search(pattern, self.log)):
+        while not (match := re.search(pattern, self.log, re.S)):
+            if self.closed:
+                raise AssertionError(f"no log line {pattern!r}:\n{self.log}")
             try:
                 self.log += child.read_nonblocking(65536, timeout).decode(
                     "utf-8", "replace")
@@ -134,7 +199,14 @@ class DaemonSide:
         return match
 
     def close(self) -> None:
+        """SIGTERM; keep the rest of the log (the shutdown's session lines)."""
+        if self.closed:
+            return
+        self.closed = True
         assert self.daemon.stop() == 0
+        rest = self.daemon.child.before
+        if isinstance(rest, bytes):
+            self.log += rest.decode("utf-8", "replace")
 
 
 @pytest.fixture
@@ -188,6 +260,10 @@ def handle_request(s):
         s.response = "c\\r\\nd"
     elif line == "skip":
         s.response = ""
+    elif line == "done":
+        s.response = "done\\n"
+    elif line == "done-crlf":
+        s.response = "done\\r\\n"
     elif line == "two":
         s.response = "1"
         send_response(s)
@@ -222,6 +298,27 @@ def handle_open(s):
 
 def handle_request(s):
     s.response = "unreachable"
+"""
+
+
+SESSION = """
+def handle_request(s):
+    if s.request == "state":
+        s.response = (f"{s.handle!r} {s.response!r} {type(s.peer).__name__} "
+                      f"{s.peer[0]} {type(s.peer[1]).__name__} {type(s.id).__name__} "
+                      f"{s.closed}")
+        s.handle = "kept"
+    elif s.request == "again":
+        s.response = f"{s.handle!r} {s.response!r}"
+    elif s.request == "methods":
+        s.response = "by s.send_response()"
+        sent = s.send_response()
+        s.response = f"{sent} {s.response!r}"
+    elif s.request == "close":
+        s.close()
+        s.response = f"closed={s.closed}"
+    else:
+        s.response = "unreachable"
 """
 
 
@@ -260,13 +357,24 @@ CASES = [
          b"lines\ncrlf-inside\n", b"a\nb\nc\r\nd\n"),
     Case("line breaks inside a response, crlf eol", RESPONSES,
          b"lines\ncrlf-inside\n", b"a\r\nb\r\nc\r\nd\r\n", options={"eol": "crlf"}),
+    Case("a trailing line break is not doubled", RESPONSES, b"done\ndone-crlf\n",
+         b"done\ndone\n"),
+    Case("a trailing line break is not doubled, crlf eol", RESPONSES,
+         b"done\ndone-crlf\n", b"done\r\ndone\r\n", options={"eol": "crlf"}),
     Case("empty response sends nothing", RESPONSES, b"skip\nx\nskip\n", b"X\n"),
     Case("responses keep their order", RESPONSES, b"two\ntwo\n", b"1\n2\n1\n2\n"),
     Case("line too long", ECHO, b"12345678\n123456789\nnext\n",
          b"12345678\nERROR line too long\n", "line too long", {"max_line": 8}),
     Case("unterminated line too long", ECHO, b"ok\n123456789",
          b"ok\nERROR line too long\n", "line too long", {"max_line": 8}),
-    # SPEC 2 and 4: session functions and connection life
+    Case("default max-line is 64 KiB", ECHO,
+         b"x" * 65536 + b"\n" + b"y" * 65537 + b"\nnext\n",
+         b"x" * 65536 + b"\nERROR line too long\n", "line too long"),
+    # SPEC 2 and 4: the session object, session functions and connection life
+    Case("session object as handlers see it", SESSION,
+         b"state\nagain\nmethods\nclose\nignored\n",
+         b"None '' tuple 127.0.0.1 int int False\n'kept' ''\nby s.send_response()\n"
+         b"True ''\nclosed=True\n", "close_session"),
     Case("close_session writes queued output, drops later lines", RESPONSES,
          b"a\nquit\nb\n", b"A\nfirst\nbye\n", "close_session"),
     Case("handler exception closes the session", RESPONSES, b"ok\nboom\nafter\n",
@@ -286,7 +394,12 @@ def run_case(side: Any, case: Case) -> tuple[bytes, str]:
         peer.send(case.data)
     if case.reason == "eof":
         peer.eof()
-    return peer.read_rest(), peer.reason()
+    output = peer.read_rest()
+    if case.reason == "line too long":
+        side.wait_for_log(rf"session \d+ 127\.0\.0\.1:{peer.port}: line longer than "
+                          rf"--max-line {case.options.get('max_line', 65536)} bytes; "
+                          rf"closing it")
+    return output, peer.reason()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
@@ -381,3 +494,165 @@ def test_idle_timeout_closes_a_quiet_session(both):
         side.idle(0.2)
         assert peer.read_rest() == b""
         assert peer.reason() == "timeout"
+
+
+TIMERS = """
+from mpxd import call_later, send_response
+
+gone = []
+
+
+def handle_request(s):
+    if s.request == "later":
+        def late():
+            s.response = "late"
+            send_response(s)
+        call_later(0.2, late)
+        s.response = "now"
+    elif s.request == "leave-then-poke":
+        def poke():
+            s.response = "after the end"
+            gone.append(send_response(s))
+        call_later(0.2, poke)
+    elif s.request == "poked":
+        s.response = repr(gone)
+"""
+
+
+def test_send_response_from_a_timer_and_to_a_session_gone_meanwhile(both):
+    for side in both(TIMERS):
+        a, b = side.connect(), side.connect()
+        a.send(b"later\n")
+        assert a.readline() == b"now\n"
+        side.idle(0.2)
+        assert a.readline() == b"late\n"
+        b.send(b"leave-then-poke\n")
+        b.eof()
+        assert b.read_rest() == b""
+        assert b.reason() == "eof"
+        side.idle(0.2)
+        a.send(b"later\n")             # its "late" comes 0.2 s after the poke
+        assert a.readline() == b"now\n"
+        side.idle(0.2)
+        assert a.readline() == b"late\n"
+        a.send(b"poked\n")
+        assert a.readline() == b"[False]\n"
+
+
+LIFE = """
+import os
+from mpxd import close_session
+
+# One file per process: the harness runs in the test's, the daemon in its own.
+RECORD = os.path.join(os.path.dirname(__file__), f"closes-{os.getpid()}.txt")
+
+
+def handle_request(s):
+    if s.request == "boom":
+        raise RuntimeError("boom on purpose")
+    if s.request == "leave":
+        close_session(s)
+    elif s.request == "idle":
+        s.set_idle_timeout(0.3)
+    s.response = "ok"
+
+
+def handle_close(s):
+    with open(RECORD, "a") as f:
+        f.write(f"{s.peer[1]} {s.closed}\\n")
+"""
+
+
+def test_handle_close_runs_once_for_every_way_a_session_ends(both, tmp_path):
+    for side in both(LIFE):
+        ended = {}
+        silent = side.connect()             # no request ever
+        silent.eof()
+        ended[silent.port] = "eof"
+        quitter = side.connect()
+        quitter.send(b"x\nlast without LF")
+        quitter.eof()
+        assert quitter.read_rest() == b"ok\nok\n"
+        ended[quitter.port] = "eof"
+        resetter = side.connect()
+        resetter.send(b"x\n")
+        assert resetter.readline() == b"ok\n"
+        resetter.reset()
+        ended[resetter.port] = "reset"
+        leaver = side.connect()
+        leaver.send(b"leave\nnot handled\n")
+        assert leaver.read_rest() == b"ok\n"
+        ended[leaver.port] = "close_session"
+        crasher = side.connect()
+        crasher.send(b"boom\n")
+        assert crasher.read_rest() == b""
+        ended[crasher.port] = "error"
+        sleeper = side.connect()
+        sleeper.send(b"idle\n")
+        assert sleeper.readline() == b"ok\n"
+        side.idle(0.3)
+        assert sleeper.read_rest() == b""
+        ended[sleeper.port] = "timeout"
+        for peer in (silent, resetter, crasher):
+            assert peer.reason() == ended[peer.port]
+        stayer = side.connect()             # the others' ends did not touch it
+        stayer.send(b"x\n")
+        assert stayer.readline() == b"ok\n"
+        side.close()                        # SIGTERM / Harness.close
+        ended[stayer.port] = "shutdown"
+        reasons = {}
+        for peer in (silent, quitter, resetter, leaver, crasher, sleeper, stayer):
+            reasons[peer.port] = peer.reason()
+        assert reasons == ended
+        record = (tmp_path / f"closes-{side.pid}.txt").read_text().split("\n")[:-1]
+        assert sorted(record) == sorted(f"{port} True" for port in ended)
+
+
+def test_a_handler_error_is_logged_and_other_sessions_carry_on(both):
+    for side in both(RESPONSES):
+        bystander, crasher = side.connect(), side.connect()
+        crasher.send(b"ok\nboom\nafter\n")
+        assert crasher.read_rest() == b"OK\n"
+        assert crasher.reason() == "error"
+        side.wait_for_log(
+            rf"handle_request failed for session \d+ 127\.0\.0\.1:{crasher.port} on "
+            rf"request 'boom':\r?\nTraceback \(most recent call last\):.*"
+            rf"RuntimeError: boom on purpose")
+        bystander.send(b"still\n")
+        assert bystander.readline() == b"STILL\n"
+        bystander.eof()
+        assert bystander.read_rest() == b""
+
+
+FLOOD = """
+from mpxd import call_every, send_response
+
+CHUNK = "x" * (256 * 1024 - 1)
+
+
+def handle_request(s):
+    if s.request == "flood":
+        sent = []
+        def more():
+            s.response = CHUNK
+            if not send_response(s) or len(sent) > 400:
+                timer.cancel()
+            sent.append(1)
+        timer = call_every(0.01, more)
+    s.response = "ok"
+"""
+
+
+def test_a_client_that_does_not_read_is_closed_past_max_output(both):
+    for side in both(FLOOD, max_output=1024 * 1024):
+        bystander, reader = side.connect(), side.connect()
+        reader.stop_reading()
+        reader.send(b"flood\n")
+        side.idle(5)
+        assert reader.reason() == "output overflow"
+        side.wait_for_log(rf"session \d+ 127\.0\.0\.1:{reader.port}: \d+ bytes of output "
+                          rf"unsent, more than --max-output 1048576; closing it")
+        bystander.send(b"x\n")
+        assert bystander.readline() == b"ok\n"
+        bystander.eof()
+        assert bystander.read_rest() == b""

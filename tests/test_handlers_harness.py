@@ -42,6 +42,7 @@ def test_counter_answers_zero_for_lines_without_a_number(mpxd_harness):
     c.send("7")
     assert c.send(["x", "", "seven", "1 2 3"]) == ["0", "0", "0", "8"]
     assert c.send(b"-2\r\n") == ["6"]
+    assert c.send(["12abc", "+1 apples"]) == ["18", "19"]     # sscanf "%d" reads a prefix
 
 
 def test_counter_frees_session_state_on_close(mpxd_harness):
@@ -376,6 +377,24 @@ def test_shared_counter_survives_a_redis_outage(shared_counter):
     c.send("1 global")
     shared_counter.run_threads()
     assert c.new() == ["1"]
+
+
+def test_shared_counter_logs_an_outage_once_and_the_recovery(shared_counter, caplog):
+    c = shared_counter.connect()
+    FakeRedis.down = True
+    with caplog.at_level("INFO", logger="mpxd.shared_counter"):
+        c.send(["1 global", "2 global"])
+        shared_counter.run_threads()
+        assert c.new() == ["ERROR redis unavailable: connection refused"] * 2
+        FakeRedis.down = False
+        c.send("3 global")
+        shared_counter.run_threads()
+        assert c.new() == ["3"]
+    url = shared_counter.module.URL
+    assert [(r.levelname, r.getMessage()) for r in caplog.records
+            if r.name == "mpxd.shared_counter"] == [
+        ("WARNING", f"redis at {url} unavailable: connection refused"),
+        ("INFO", f"redis at {url} reachable again")]
 
 
 def test_lookup_answers_pending_lookups_before_closing_at_eof(lookup, monkeypatch):

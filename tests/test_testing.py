@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -10,6 +14,7 @@ import pytest
 from mpxd import core as core_module
 from mpxd.script import ScriptError
 from mpxd.testing import Harness, cli_args, make_config
+from mpxd.testing.harness import OPTIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COUNTER = os.path.join(ROOT, "handlers", "counter.py")
@@ -82,6 +87,16 @@ def test_counter_answers_each_line_through_the_fixture(mpxd_harness):
     assert c.send(["1", "x", "4 global"]) == ["6", "0", "4"]
 
 
+def test_the_issue_example_as_written_with_a_path_relative_to_the_cwd(
+        mpxd_harness, monkeypatch):
+    monkeypatch.chdir(ROOT)         # relative paths mean what they mean to mpxd
+    c = mpxd_harness("handlers/counter.py").connect()
+    assert c.send("2") == ["2"]
+    monkeypatch.chdir(os.path.join(ROOT, "tests"))
+    with pytest.raises(ScriptError, match="tests/handlers/counter.py: no such file"):
+        mpxd_harness("handlers/counter.py")
+
+
 def test_counter_sessions_have_own_state_and_share_globals(mpxd_harness):
     h = mpxd_harness(COUNTER)
     a, b = h.connect(), h.connect()
@@ -127,6 +142,30 @@ def handle_request(s):
     assert c.new() == ["later"]
     assert c.new() == []
     assert c.received() == ["now", "later"]
+
+
+def test_received_keeps_broadcasts_and_timer_output_in_arrival_order(harness):
+    h = harness("""
+from mpxd import call_later, send_response, sessions
+
+def handle_request(s):
+    for other in sessions():
+        if other is not s:
+            other.response = "from " + str(s.id)
+            send_response(other)
+    def later():
+        s.response = "later"
+        send_response(s)
+    call_later(1, later)
+    s.response = "sent"
+""")
+    a, b = h.connect(), h.connect()
+    assert a.send("x") == ["sent"]
+    assert b.send("y") == ["sent"]
+    h.advance(1)
+    assert a.received() == ["sent", f"from {b.session.id}", "later"]
+    assert b.received() == [f"from {a.session.id}", "sent", "later"]
+    assert a.new() == [f"from {b.session.id}", "later"]
 
 
 def test_final_line_without_lf_is_handled_at_eof(harness):
@@ -210,6 +249,19 @@ def test_handler_exception_closes_that_session_only(harness):
     good.new()
     assert good.send("still here") == ["1:still here"]
     assert not good.closed
+
+
+def test_handler_exceptions_are_logged_with_peer_request_and_traceback(harness, caplog):
+    h = harness(LIFECYCLE)
+    c = h.connect(peer=("203.0.113.5", 4242))
+    with caplog.at_level(logging.INFO, logger="mpxd"):
+        c.send("boom")
+    messages = [r.getMessage() for r in caplog.records if r.name == "mpxd"]
+    assert messages[0].startswith(
+        f"handle_request failed for session {c.session.id} 203.0.113.5:4242 "
+        f"on request 'boom':\nTraceback")
+    assert messages[0].endswith("ValueError: boom on purpose")
+    assert messages[1].startswith(f"session {c.session.id} 203.0.113.5:4242 closed: error,")
 
 
 def test_output_sent_before_an_exception_is_still_written(harness):
@@ -714,6 +766,38 @@ def test_unknown_options_are_refused():
         make_config("x.py", eol="cr")
 
 
+@pytest.mark.parametrize("option", ["max_rate", "allow", "tls_cert", "unix", "control",
+                                    "max_connections"])
+def test_options_of_the_process_and_network_edge_are_refused(option):
+    with pytest.raises(TypeError, match=f"{option}.*use mpxd_server"):
+        make_config("x.py", **{option: 1})
+
+
+@pytest.mark.parametrize("args", [
+    [],
+    ["--eol", "crlf", "--max-output", "1600", "--idle-timeout", "0"],
+    ["--max-line", "100", "--max-output", "100000000", "--idle-timeout", "2.5",
+     "--drain-timeout", "3", "--threads", "2"],
+])
+def test_harness_options_make_the_config_the_command_line_makes(args, monkeypatch):
+    from click.testing import CliRunner
+
+    from mpxd import cli
+    seen = []
+    monkeypatch.setattr(cli, "run", lambda config, inherited: seen.append(config) or 0)
+    result = CliRunner().invoke(cli.main, ["--port", "0", *args, COUNTER])
+    assert result.exit_code == 0, result.output
+    [from_cli] = seen
+    options = {}
+    for flag, value in zip(args[::2], args[1::2]):
+        name = flag[2:].replace("-", "_")
+        options[name] = value if name == "eol" else float(value) if "." in value \
+            or name.endswith("timeout") else int(value)
+    harness_config = make_config(COUNTER, **options)
+    assert {name: getattr(harness_config, name) for name in OPTIONS} == \
+        {name: getattr(from_cli, name) for name in OPTIONS}
+
+
 def test_options_map_like_the_command_line():
     config = make_config("x.py", eol="crlf", max_output=1600, idle_timeout=0)
     assert config.eol == "\r\n"
@@ -743,3 +827,85 @@ def test_mpxd_server_reports_a_script_that_does_not_load(mpxd_server, write_scri
     from mpxd.testing import ServerError
     with pytest.raises(ServerError, match="does not define handle_request"):
         mpxd_server(write_script("x = 1\n"))
+
+
+# ------------------------------------------------ the plugin, as installed
+
+PLUGIN_TESTS = """
+import os
+
+
+def test_harness(mpxd_harness):
+    c = mpxd_harness("handlers/counter.py").connect()
+    assert c.send("2") == ["2"]
+
+
+def test_server(mpxd_server):
+    server = mpxd_server("handlers/counter.py")
+    with open("server.pid", "w") as f:
+        f.write(str(server.pid))
+    with server.client() as c:
+        assert c.ask("2") == "2"
+"""
+
+STOPS_BADLY = """
+import os
+
+def handle_request(s):
+    s.response = "ok"
+
+def on_stop(core):
+    os._exit(3)
+"""
+
+
+def run_pytest_in(directory, *args: str) -> subprocess.CompletedProcess:
+    """Run pytest in ``directory`` as a handler author would: only what is installed."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTEST_PLUGINS", "PYTEST_ADDOPTS", "PYTHONPATH")}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "--confcutdir", str(directory), *args],
+        cwd=directory, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def author_project(tmp_path):
+    """A directory outside the repository: a handler script and a test file, no conftest."""
+    (tmp_path / "handlers").mkdir()
+    with open(COUNTER) as f:
+        (tmp_path / "handlers" / "counter.py").write_text(f.read())
+    (tmp_path / "test_counter.py").write_text(textwrap.dedent(PLUGIN_TESTS))
+    return tmp_path
+
+
+def test_the_plugin_works_as_installed_without_a_conftest(author_project):
+    assert not list(author_project.rglob("conftest.py"))
+    result = run_pytest_in(author_project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
+    pid = int((author_project / "server.pid").read_text())
+    with pytest.raises(ProcessLookupError):     # mpxd_server stopped it
+        os.kill(pid, 0)
+    # The fixtures come from the entry point: without the plugin they do not exist.
+    result = run_pytest_in(author_project, "-p", "no:mpxd")
+    assert result.returncode == 1
+    assert "fixture 'mpxd_harness' not found" in result.stdout
+
+
+def test_mpxd_server_fails_the_test_when_the_daemon_does_not_stop_cleanly(author_project):
+    (author_project / "handlers" / "bad_stop.py").write_text(textwrap.dedent(STOPS_BADLY))
+    (author_project / "test_counter.py").write_text(textwrap.dedent("""
+        def test_stops_badly(mpxd_server):
+            first = mpxd_server("handlers/bad_stop.py")
+            second = mpxd_server("handlers/counter.py")
+            with open("server.pid", "w") as f:
+                f.write(str(second.pid))
+    """))
+    result = run_pytest_in(author_project)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 passed, 1 error" in result.stdout
+    assert "exited with status 3 on SIGTERM, not 0" in result.stdout
+    pid = int((author_project / "server.pid").read_text())
+    with pytest.raises(ProcessLookupError):     # the failure did not leave it running
+        os.kill(pid, 0)

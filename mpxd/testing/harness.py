@@ -19,13 +19,14 @@ clock) and the moment worker threads are waited for (``run_threads``).
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from dataclasses import fields
 from typing import Any, Callable, Iterable
 
 from .. import core as core_module
-from ..config import Config
+from ..config import Config, water_marks
 from ..core import Core
 from ..script import Handlers, ScriptError, load_script
 from ..session import Session
@@ -38,10 +39,16 @@ MAX_PASSES = 10_000
 
 EOLS = {"lf": "\n", "crlf": "\r\n", "\n": "\n", "\r\n": "\r\n"}
 _EOF = object()            # in a client's inbound queue: the peer sent FIN
-# Settings of the process and its sockets: the harness has neither, so it
-# refuses them rather than ignore them (test those with ``mpxd_server``).
+# Settings of the process, its sockets and the network edge (mpxd.edge: TLS,
+# unix sockets, access rules, rate limits, the control channel): the harness
+# has none of these, so it refuses them rather than ignore them (test those
+# with ``mpxd_server``; ``connect(tls_peer=...)`` stands in for a TLS client).
 DAEMON_ONLY = {"script", "port", "hosts", "poller", "backlog", "max_connections",
-               "pidfile", "log_file", "log_level", "syslog", "daemon", "user", "group"}
+               "pidfile", "log_file", "log_level", "syslog", "daemon", "user", "group",
+               "tls_cert", "tls_key", "tls_ca", "tls_handshake_timeout", "unix",
+               "unix_mode", "allow", "deny", "max_per_ip", "max_rate", "control"}
+# What is left is what the core reads: eol, max_line, max_output, high_water,
+# low_water, idle_timeout, drain_timeout, threads.
 OPTIONS = {f.name for f in fields(Config)} - DAEMON_ONLY
 
 
@@ -66,10 +73,9 @@ def make_config(script: str, **options: Any) -> Config:
             raise ValueError(f"eol must be 'lf' or 'crlf', not {options['eol']!r}")
         options["eol"] = EOLS[options["eol"]]
     if "max_output" in options and "high_water" not in options:
-        # the same derivation as the command line (mpxd.cli.main)
-        high_water = min(1024 * 1024, max(1, options["max_output"] // 16))
+        high_water, low_water = water_marks(options["max_output"])   # as the CLI does
         options["high_water"] = high_water
-        options.setdefault("low_water", high_water // 4)
+        options.setdefault("low_water", low_water)
     if options.get("idle_timeout") == 0:
         options["idle_timeout"] = None          # as --idle-timeout 0: never
     return Config(script=script, **options)
@@ -219,13 +225,24 @@ class Client:
 class Harness:
     """Run a handler script on the daemon's core with in-memory clients and a fake clock.
 
-    ``script`` is loaded exactly as the daemon loads it (a broken script
-    raises ``mpxd.script.ScriptError``); ``options`` are ``mpxd.config.Config``
-    fields, e.g. ``idle_timeout=5``, ``eol="crlf"``, ``max_line=100``.
-    Time starts at 0 and moves only through ``advance``.
+    ``script`` is a path, relative to the current directory as on the
+    ``mpxd`` command line; it is loaded exactly as the daemon loads it (a
+    broken script raises ``mpxd.script.ScriptError`` with the daemon's
+    message).  ``options`` are the command-line options the core reads,
+    named as keywords: ``eol`` (``"lf"``/``"crlf"``), ``max_line``,
+    ``max_output``, ``idle_timeout`` (``0``: off), ``drain_timeout``,
+    ``threads``, and ``high_water``/``low_water`` to set the backpressure
+    marks directly.  Options of the process or its sockets (``port``,
+    ``max_connections``, ``tls_cert``, ``max_rate``, ...) raise ``TypeError``:
+    test those with ``mpxd_server``.
+
+    Time starts at 0 and moves only through ``advance``; worker threads'
+    results arrive only in ``run_threads``.  ``errors`` lists what handler
+    code raised; the core also logs it to the ``mpxd`` logger as the daemon
+    does.  ``close()`` (or leaving a ``with`` block) shuts down as SIGTERM does.
     """
 
-    def __init__(self, script: str, **options: Any) -> None:
+    def __init__(self, script: str | os.PathLike[str], **options: Any) -> None:
         # As in the daemon, the script is imported before any server runs:
         # mpxd.call_later at import time fails here too, and cannot land on
         # another harness's core.
@@ -481,9 +498,8 @@ class Harness:
 
     @staticmethod
     def _readable(s: Session) -> bool:
-        # The loop polls a connection for input only while it is not paused
-        # (backpressure) and not closing; input waits in the kernel meanwhile.
-        return not (s._paused or s._closing or s._finished)
+        # As in the loop: input waits in the kernel while the core says so.
+        return Core.wants_input(s)
 
     def _flush(self, s: Session) -> None:
         """Deliver ``s``'s queued output; close it or resume reading as its state says."""
@@ -503,11 +519,8 @@ class Harness:
             client._deliver(data)
             s._out_size -= len(data)
             s._bytes_out += len(data)
-        if s._closing:
-            if not client._unsent:
-                self._close(s)
-        elif s._paused and s._out_size <= self.config.low_water:
-            self.core.output_drained(s)          # reads again; s is dirty again
+        if self.core.after_write(s, bool(client._unsent)):
+            self._close(s)
 
     def _close(self, s: Session) -> None:
         """The edge closes the connection; the core runs ``handle_close``."""

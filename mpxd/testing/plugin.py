@@ -1,6 +1,8 @@
 """pytest plugin: the ``mpxd_harness`` and ``mpxd_server`` fixtures for handler tests.
 
-Registered through the ``pytest11`` entry point, so installing mpxd is enough::
+Registered through the ``pytest11`` entry point, so installing mpxd is enough
+(no ``conftest.py``, no ``pytest_plugins``; ``-p no:mpxd`` turns it off).
+Script paths are relative to the current directory, as on the command line::
 
     def test_counter(mpxd_harness):
         c = mpxd_harness("handlers/counter.py").connect()
@@ -14,12 +16,13 @@ Registered through the ``pytest11`` entry point, so installing mpxd is enough::
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterator
 
 import pytest
 
 from .harness import Harness
-from .server import Server
+from .server import Server, ServerError
 
 
 @pytest.fixture
@@ -27,7 +30,7 @@ def mpxd_harness() -> Iterator[Callable[..., Harness]]:
     """Factory: ``mpxd_harness(script, **options)`` -> a ``Harness``, closed after the test."""
     made: list[Harness] = []
 
-    def make(script: str, **options: Any) -> Harness:
+    def make(script: str | os.PathLike[str], **options: Any) -> Harness:
         harness = Harness(script, **options)
         made.append(harness)
         return harness
@@ -42,8 +45,11 @@ def mpxd_server() -> Iterator[Callable[..., Server]]:
     """Factory: ``mpxd_server(script, *args, **options)`` -> a running daemon on a free port.
 
     ``options`` become command-line options (``idle_timeout=5`` is
-    ``--idle-timeout 5``); ``args`` are passed as they are.  Every server is
-    stopped with SIGTERM after the test.
+    ``--idle-timeout 5``); ``args`` are passed as they are.  The server
+    listens on 127.0.0.1 on a free port: ``server.address``, ``server.port``,
+    ``server.client()`` (a ``LineClient``), ``server.log``.  After the test
+    every server still running is stopped with SIGTERM; one that then does
+    not exit with status 0 (or not within 10 s) fails the test's teardown.
     """
     started: list[Server] = []
 
@@ -53,5 +59,16 @@ def mpxd_server() -> Iterator[Callable[..., Server]]:
         return server
 
     yield start
-    for server in started:
-        server.stop()
+    problems = []
+    for server in started:          # every one, even after a failure
+        running = server.returncode is None and server.process.poll() is None
+        try:
+            status = server.stop()
+        except ServerError as e:
+            problems.append(f"mpxd (pid {server.pid}): {e}")
+            continue
+        if running and status != 0:
+            problems.append(f"mpxd (pid {server.pid}) exited with status {status} "
+                            f"on SIGTERM, not 0; its log:\n{server.log}")
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
