@@ -46,8 +46,9 @@ def detach(stdio_fd: int | None = None) -> Detached:
 
     The original process waits for the daemon's report and exits with 0
     (it listens) or 1 (its error message printed to stderr).  The daemon
-    runs in a new session, in ``/``, with stdin on ``/dev/null`` and stdout
-    and stderr on ``stdio_fd`` (the log file) or ``/dev/null``.
+    runs in a new session, in ``/``, with stdin on ``/dev/null``, stdout
+    and stderr on ``stdio_fd`` (the log file) or ``/dev/null``, and no other
+    descriptor inherited from the caller.
     """
     sys.stdout.flush()
     sys.stderr.flush()
@@ -75,9 +76,30 @@ def detach(stdio_fd: int | None = None) -> Detached:
         os._exit(0)
     os.chdir("/")
     os.umask(0o022)
+    _close_inherited_descriptors()
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     for stdio in (1, 2):
         os.dup2(null if stdio_fd is None else stdio_fd, stdio)
     os.close(null)
     return Detached(write_fd)
+
+
+def _close_inherited_descriptors() -> None:
+    """Close the descriptors above 2 that the invoking program left open to us.
+
+    Whatever mpxd opens itself is close-on-exec (PEP 446), so a descriptor
+    without that flag was inherited: a pipe the caller reads until EOF, a
+    lock it holds.  A daemon that kept it would hang or block its caller.
+    """
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return                              # no /proc: leave them
+    for name in names:
+        fd = int(name)
+        try:
+            if fd > 2 and os.get_inheritable(fd):
+                os.close(fd)
+        except OSError:
+            pass                            # the directory listdir had open

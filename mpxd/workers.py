@@ -145,9 +145,9 @@ def supervise(config: Config, inherited: list[socket.socket], count: int) -> int
 
 def _failed(config: Config, detached: Detached | None, message: str) -> int:
     """Report a start-up failure as ``cli.run`` does; exit status 1."""
+    log.error("%s", message)      # before the report: the waiting command may read the log
     if detached is not None:
         detached.failed(message)
-    log.error("%s", message)
     handlers = logging.getLogger("mpxd").handlers
     if not config.daemon and handlers and not any(
             getattr(h, "stream", None) is sys.stderr for h in handlers):

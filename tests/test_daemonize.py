@@ -8,6 +8,7 @@ is how the tests stop it (it is not their child).
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -34,12 +35,12 @@ def handle_request(s):
 """
 
 
-def run_command(args: list[str], cwd) -> subprocess.CompletedProcess:
+def run_command(args: list[str], cwd, pass_fds=()) -> subprocess.CompletedProcess:
     """Run ``mpxd ARGS`` as an operator would and wait for the command to exit."""
     env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
     return subprocess.run([sys.executable, "-m", "mpxd", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=30,
-                          env=dict(env, PYTHONPATH=ROOT))
+                          env=dict(env, PYTHONPATH=ROOT), pass_fds=pass_fds)
 
 
 @pytest.fixture
@@ -89,6 +90,37 @@ def test_daemon_detaches_once_listening_with_relative_paths(workdir):
     text = log.read_text()
     assert "printed by the handler" in text
     assert "stopped" in text
+
+
+def test_daemon_without_a_log_file_has_stdio_on_dev_null(workdir):
+    result = run_command(["--daemon", "--port", "0", "--host", "127.0.0.1",
+                          "--pidfile", "mpxd.pid", "handler.py"], cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "log lines are discarded" in result.stderr    # warned before detaching
+    pid = int((workdir / "mpxd.pid").read_text())
+    assert [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (0, 1, 2)] == [os.devnull] * 3
+    assert stop_pid(pid)
+
+
+def test_daemon_keeps_no_descriptor_of_its_caller(workdir):
+    """A caller reading a pipe until EOF must not wait for the daemon to exit."""
+    read_end, write_end = os.pipe()
+    try:
+        result = run_command(["--daemon", "--port", "0", "--host", "127.0.0.1",
+                              "--pidfile", "mpxd.pid", "--log-file", "mpxd.log",
+                              "handler.py"], cwd=workdir, pass_fds=[write_end])
+        assert result.returncode == 0, result.stderr
+        pid = int((workdir / "mpxd.pid").read_text())
+        os.close(write_end)
+        write_end = None
+        readable, _, _ = select.select([read_end], [], [], 5)
+        assert readable and os.read(read_end, 1) == b""      # EOF: nobody holds it
+        assert ask(port_from_log(workdir / "mpxd.log"), "hi") == "hi"
+        assert stop_pid(pid)
+    finally:
+        os.close(read_end)
+        if write_end is not None:
+            os.close(write_end)
 
 
 def test_daemon_with_a_broken_script_exits_1_with_the_message(workdir):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import logging.handlers
 import os
 import re
 import signal
@@ -100,6 +101,16 @@ def test_setup_logging_plain_lines_carry_time_pid_and_level(monkeypatch):
     logging.getLogger("mpxd").debug("detail %d", 7)
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
                         rf"mpxd\[{os.getpid()}\] DEBUG detail 7\n", stream.getvalue())
+
+
+def test_syslog_handler_uses_facility_daemon_and_names_the_pid(monkeypatch):
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    setup_logging("info", syslog=True)
+    [handler] = logging.getLogger("mpxd").handlers          # and no stderr handler
+    assert isinstance(handler, logging.handlers.SysLogHandler)
+    assert handler.facility == logging.handlers.SysLogHandler.LOG_DAEMON
+    record = logging.LogRecord("mpxd", logging.INFO, "x", 1, "hello", (), None)
+    assert handler.format(record) == f"mpxd[{os.getpid()}]: hello"
 
 
 def test_log_file_handler_reopens_after_a_rename(tmp_path):
@@ -263,4 +274,36 @@ def test_syslog_option_starts_and_stops(mpxd, tmp_path):
     assert notify.recv(4096).startswith(b"READY=1")
     notify.close()
     assert m.stop() == 0
+    assert m.stderr() == ""
+
+
+def test_syslog_lines_reach_a_syslog_daemon(mpxd):
+    """Without /dev/log mpxd sends to UDP localhost:514: listen there as syslogd would."""
+    if os.path.exists("/dev/log"):
+        pytest.skip("/dev/log exists: lines go to the real syslog")
+    syslogd = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        syslogd.bind(("127.0.0.1", 514))
+    except OSError as e:
+        syslogd.close()
+        pytest.skip(f"cannot listen on UDP 127.0.0.1:514: {e.strerror}")
+    syslogd.settimeout(10)
+    try:
+        m = mpxd(["--port", "0", "--host", "127.0.0.1", "--syslog", COUNTER])
+        first = syslogd.recv(4096).decode()
+        # <30>: facility daemon (3) * 8 + priority info (6)
+        port = int(re.fullmatch(rf"<30>mpxd\[{m.pid}\]: listening on 127\.0\.0\.1:(\d+)\0?",
+                                first).group(1))
+        client = LineClient(("127.0.0.1", port))
+        assert client.ask("1") == "1"
+        client.close()
+        assert re.match(r"<30>mpxd\[\d+\]: session 1 127\.0\.0\.1:\d+ closed: eof",
+                        syslogd.recv(4096).decode())
+        m.signal(signal.SIGTERM)
+        assert m.wait() == 0
+        lines = []
+        while not lines or lines[-1] != f"<30>mpxd[{m.pid}]: stopped\0":
+            lines.append(syslogd.recv(4096).decode())
+    finally:
+        syslogd.close()
     assert m.stderr() == ""

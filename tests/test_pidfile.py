@@ -7,6 +7,7 @@ the point is another instance), so those tests run a small Python child.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -67,6 +68,31 @@ def test_an_unlocked_leftover_file_is_taken_over(tmp_path, leftover):
     pidfile = PidFile(str(path))
     pidfile.acquire()
     assert path.read_text() == f"{os.getpid()}\n"
+    pidfile.release()
+    assert not path.exists()
+
+
+def test_a_file_removed_between_open_and_lock_is_not_used(tmp_path, monkeypatch):
+    """The previous owner may unlink the file just before we lock it: open again."""
+    path = tmp_path / "mpxd.pid"
+    path.write_text("4242\n")
+    real_flock = fcntl.flock
+    locked = []
+
+    def flock_after_the_owner_left(fd, operation):
+        if not locked:
+            os.unlink(path)                      # the exiting owner's release
+        locked.append(os.fstat(fd).st_ino)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_owner_left)
+    pidfile = PidFile(str(path))
+    pidfile.acquire()
+    assert len(locked) == 2                      # the unlinked file, then a new one
+    assert path.read_text() == f"{os.getpid()}\n"
+    assert os.stat(path).st_ino == locked[1]
+    monkeypatch.undo()
+    assert acquire_in_child(path).returncode == 1   # and it is the locked one
     pidfile.release()
     assert not path.exists()
 

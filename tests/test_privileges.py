@@ -29,10 +29,20 @@ NOBODY = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
 SCRIPT = """\
 import os
 
-def handle_request(s):
+def ids():
     groups = ",".join(str(g) for g in sorted(os.getgroups()))
-    s.response = f"{os.getresuid()} {os.getresgid()} {groups} {os.environ.get('HOME')}"
+    return f"{os.getresuid()} {os.getresgid()} {groups} {os.environ.get('HOME')}"
+
+AT_IMPORT = ids()       # the script's top level is handler code too
+
+def handle_request(s):
+    s.response = AT_IMPORT if s.request == "import" else ids()
 """
+
+# Starts mpxd as root with supplementary groups, which --user must drop too.
+WITH_GROUPS = ("import os, sys\n"
+               "os.setgroups([0, 4, 27])\n"
+               "os.execv(sys.executable, [sys.executable, '-m', 'mpxd', *sys.argv[1:]])\n")
 
 
 @pytest.fixture
@@ -91,11 +101,13 @@ def test_user_binds_a_privileged_port_then_serves_as_that_user(mpxd, shared_dir)
     port = free_privileged_port()
     pidfile = os.path.join(shared_dir, "mpxd.pid")
     m = mpxd(["--port", str(port), "--host", "127.0.0.1", "--user", "nobody",
-              "--pidfile", pidfile, os.path.join(shared_dir, "handler.py")])
+              "--pidfile", pidfile, os.path.join(shared_dir, "handler.py")],
+             command=[sys.executable, "-c", WITH_GROUPS])
     assert m.wait_listening() == port
     uid, gid = NOBODY.pw_uid, NOBODY.pw_gid
-    assert ask(port, "who") == (f"({uid}, {uid}, {uid}) ({gid}, {gid}, {gid}) "
-                                f"{gid} {NOBODY.pw_dir}")
+    as_nobody = f"({uid}, {uid}, {uid}) ({gid}, {gid}, {gid}) {gid} {NOBODY.pw_dir}"
+    assert ask(port, "who") == as_nobody
+    assert ask(port, "import") == as_nobody       # loaded after the switch
     assert proc_ids(m.pid) == {"Uid": f"{uid} {uid} {uid} {uid}",
                                "Gid": f"{gid} {gid} {gid} {gid}", "Groups": str(gid)}
     with open(pidfile) as f:

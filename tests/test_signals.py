@@ -147,7 +147,7 @@ def test_stop_signal_closes_every_session_removes_pidfile_exits_0(
     assert clients[1].ask("b") == "v1 2 b"
     assert wait_until(lambda: len(calls(calls_path)) == 3)   # all three accepted
     d.signal(signum)
-    d.expect_log(r"shutting down: 3 sessions")
+    d.expect_log(r"shutting down: 3 sessions to drain \(at most 10s\)")   # the default
     for client in clients:
         assert client.read_all() == b""            # closed by the server
     assert exit_status(d) == 0
@@ -170,6 +170,24 @@ def test_term_writes_queued_output_before_closing(daemon, recording):
     d.expect_log(r"session 1 \S+ closed: shutdown")
     assert exit_status(d) == 0
     assert calls(calls_path)[-1] == "close 1"
+
+
+def test_term_handles_no_more_input(daemon, recording):
+    """Lines received but not yet handled, and lines sent later, are dropped."""
+    script, calls_path = recording
+    d = daemon(script, "--drain-timeout", "60")
+    sock = slow_reader(d.port)
+    # "held" arrives with "big" but waits: the big answer is past the high-water mark.
+    sock.sendall(f"big {BIG_LINES}\nheld\n".encode())
+    assert wait_until(lambda: "big 1" in calls(calls_path))
+    d.signal(signal.SIGTERM)
+    d.expect_log(r"shutting down: 1 sessions")
+    sock.sendall(b"big 1\nlater\n")
+    data = receive_all(sock)
+    assert data == (b"y" * 99 + b"\n") * BIG_LINES      # no "v1 2 held", no "later"
+    sock.close()
+    assert exit_status(d) == 0
+    assert calls(calls_path) == ["open 1", "big 1", "close 1"]
 
 
 def test_second_term_during_drain_ends_it_at_once(daemon, recording):

@@ -240,6 +240,54 @@ def test_ready_after_listening_reload_and_stopping(systemd, mpxd, tmp_path):
     assert m.wait() == 0
 
 
+def test_ready_only_once_the_script_is_loaded_and_every_socket_listens(
+        systemd, mpxd, tmp_path):
+    loaded = tmp_path / "loaded"
+    script = tmp_path / "handler.py"
+    script.write_text("import time\n"
+                      "time.sleep(0.5)                  # a slow import\n"
+                      f"open({str(loaded)!r}, 'w').close()\n"
+                      "def handle_request(s):\n    s.response = 'hi'\n")
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", "--host", "::1", str(script)],
+             env={"NOTIFY_SOCKET": systemd.path})
+    ready = systemd.receive()
+    assert ready["READY"] == "1"
+    assert loaded.exists()
+    port = int(ready["STATUS"].rpartition(":")[2])
+    assert ready["STATUS"] == f"listening on 127.0.0.1:{port}, [::1]:{port}"
+    for host in ("127.0.0.1", "::1"):
+        with socket.create_connection((host, port), timeout=5) as sock:
+            sock.sendall(b"x\n")
+            assert sock.recv(10) == b"hi\n"
+    assert m.stop() == 0
+
+
+def test_no_ready_when_start_up_fails(systemd, mpxd, tmp_path):
+    script = tmp_path / "broken.py"
+    script.write_text("def handle_request(s)\n")
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", str(script)],
+             env={"NOTIFY_SOCKET": systemd.path})
+    assert m.wait() == 1
+    systemd.sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        systemd.sock.recv(4096)                       # nothing was sent
+
+
+def test_status_reports_connection_counts_every_few_seconds(systemd, mpxd):
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", COUNTER],
+             env={"NOTIFY_SOCKET": systemd.path})
+    port = int(systemd.receive()["STATUS"].rpartition(":")[2])
+    clients = [LineClient(("127.0.0.1", port)) for _ in range(3)]
+    assert [c.ask("1") for c in clients] == ["1", "1", "1"]
+    clients.pop().close()
+    assert clients[0].ask("2") == "3"
+    systemd.sock.settimeout(15)                       # STATUS_INTERVAL is 5 s
+    assert systemd.receive() == {"STATUS": "2 connections, 3 total, 4 requests"}
+    for client in clients:
+        client.close()
+    assert m.stop() == 0
+
+
 def test_watchdog_pings_come_from_the_loop(systemd, mpxd):
     m = mpxd(["--port", "0", "--host", "127.0.0.1", COUNTER],
              env={"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": "100000"})
