@@ -491,7 +491,9 @@ class Core:
                 return
             exc = future.exception()
             if then is not None:
-                then(future.result() if exc is None else exc)
+                name = getattr(fn, "__qualname__", repr(fn))
+                self._call_user(then, owner, f"the then callback of run_in_thread {name}",
+                                future.result() if exc is None else exc)
             elif exc is not None:       # nobody to hand it to: log it like a handler's
                 self.errors_total += 1
                 log.error("run_in_thread %s failed:\n%s",

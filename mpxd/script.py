@@ -43,11 +43,17 @@ class Handlers:
     on_reload: Callable[[Any], Any] | None
 
 
+def _kind(value: Any) -> str:
+    """``a str``, ``an int``: what a value is, for error messages."""
+    name = type(value).__name__
+    return f"{'an' if name[:1] in 'aeiouAEIOU' else 'a'} {name}"
+
+
 def _optional(module: types.ModuleType, path: str, name: str) -> Callable | None:
     value = getattr(module, name, None)
     if value is not None and not callable(value):
         raise ScriptError(f"{path}: {name} is defined but not callable "
-                          f"(it is a {type(value).__name__})")
+                          f"(it is {_kind(value)})")
     return value
 
 
@@ -111,7 +117,7 @@ def load_script(path: str) -> Handlers:
     if not callable(handle_request):
         sys.modules.pop(name, None)
         raise ScriptError(f"{path}: handle_request is not callable "
-                          f"(it is a {type(handle_request).__name__})")
+                          f"(it is {_kind(handle_request)})")
     try:
         return Handlers(
             path=path,

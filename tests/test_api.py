@@ -8,6 +8,8 @@ import select
 import signal
 import time
 
+import pytest
+
 from conftest import wait_until
 
 THREAD_SCRIPT = """
@@ -111,6 +113,73 @@ def test_a_stop_is_not_held_up_by_a_job_that_never_returns(daemon, write_script)
     assert d.stop(timeout=10) == 0              # not after 600 s
 
 
+POOL_SCRIPT = """
+import threading
+from mpxd import run_in_thread, send_response
+
+lock = threading.Lock()
+running = {"now": 0, "peak": 0, "done": 0}
+go = threading.Event()
+
+def _job():
+    with lock:
+        running["now"] += 1
+        running["peak"] = max(running["peak"], running["now"])
+    go.wait(10)
+    with lock:
+        running["now"] -= 1
+
+def _finished(s, result):
+    running["done"] += 1
+    s.response = f"done {running['done']}"
+    send_response(s)
+
+def _fail_in_then(result):
+    raise RuntimeError("then went wrong")
+
+def handle_request(s):
+    command, _, arg = s.request.partition(" ")
+    if command == "start":
+        for _ in range(int(arg)):
+            run_in_thread(_job, then=lambda r: _finished(s, r))
+        s.response = "started"
+    elif command == "peak":
+        s.response = f"peak {running['peak']}"
+    elif command == "go":
+        go.set()
+        s.response = "going"
+    elif command == "bad-then":
+        run_in_thread(int, "1", then=_fail_in_then)
+        s.response = "started"
+    else:
+        s.response = "pong"
+"""
+
+
+@pytest.mark.parametrize("option, size", [((), 4), (("--threads", "2"), 2)])
+def test_threads_sets_how_many_jobs_run_at_once(daemon, write_script, option, size):
+    d = daemon(write_script(POOL_SCRIPT), *option)
+    c = d.connect()
+    assert c.ask("start 6") == "started"
+    assert wait_until(lambda: c.ask("peak") == f"peak {size}")
+    time.sleep(0.3)                             # the jobs held back stay held back
+    assert c.ask("peak") == f"peak {size}"
+    assert c.ask("go") == "going"
+    assert sorted(c.readlines(6)) == sorted(f"done {n}" for n in range(1, 7))
+
+
+def test_an_exception_in_then_is_logged_and_the_loop_carries_on(daemon, write_script):
+    d = daemon(write_script(POOL_SCRIPT))
+    c, other = d.connect(), d.connect()
+    assert c.ask("bad-then") == "started"
+    d.expect_log(r"the then callback of run_in_thread \S+ failed for session \d+ ")
+    d.expect_log(r"RuntimeError: then went wrong")
+    assert other.ask("ping") == "pong"
+    assert c.ask("start 1") == "started"        # the pool still works
+    assert c.ask("go") == "going"
+    assert c.readline() == "done 1"
+
+
 SESSIONS_SCRIPT = """
 from mpxd import sessions, send_response
 
@@ -186,6 +255,20 @@ def handle_request(s):
     assert d.stop() == 0
     assert log.read_text().splitlines() == [
         f"start {d.pid}", "timer from on_start", "stop 0 open"]
+
+
+def test_a_failing_on_start_is_logged_and_the_daemon_serves_anyway(daemon, write_script):
+    d = daemon(write_script("""
+def on_start(server):
+    raise ConnectionError("database unreachable")
+
+def handle_request(s):
+    s.response = "pong"
+"""))
+    d.expect_log(r"ERROR on_start failed")
+    d.expect_log(r"ConnectionError: database unreachable")
+    assert d.connect().ask("ping") == "pong"
+    assert d.stop() == 0
 
 
 RELOAD_V1 = """

@@ -114,11 +114,12 @@ def test_a_missing_handle_request(write_script):
     assert "handle_request" in message
 
 
-@pytest.mark.parametrize("name", ["handle_request", "handle_close", "handle_open"])
+@pytest.mark.parametrize("name", ["handle_request", "handle_close", "handle_open",
+                                  "on_start", "on_stop", "on_reload"])
 def test_a_handler_that_is_not_callable(write_script, name):
     source = "def handle_request(s): pass\n" if name != "handle_request" else ""
     message = load_error(write_script(source + f"{name} = 42\n"))
-    assert name in message and "not callable" in message
+    assert name in message and "not callable (it is an int)" in message
 
 
 def test_sys_exit_at_import(write_script):

@@ -177,6 +177,11 @@ def _tick(s):
 def _fail():
     raise ZeroDivisionError("timer went wrong")
 
+def _tick_and_fail(s):
+    ticks["count"] += 1
+    _say(s, f"failing tick {ticks['count']}")
+    raise ZeroDivisionError(f"tick {ticks['count']} went wrong")
+
 def handle_request(s):
     global timer
     command, _, arg = s.request.partition(" ")
@@ -192,6 +197,13 @@ def handle_request(s):
         s.response = f"cancelled after {ticks['count']}"
     elif command == "count":
         s.response = f"count {ticks['count']}"
+    elif command == "later-cancelled":
+        call_later(0.05, _say, s, "cancelled timer ran").cancel()
+        call_later(0.15, _say, s, "the other timer ran")
+        s.response = "scheduled"
+    elif command == "every-failing":
+        timer = call_every(float(arg), _tick_and_fail, s)
+        s.response = "started"
     elif command == "fail":
         call_later(0, _fail)
         call_later(0.1, _say, s, "still here")
@@ -238,6 +250,29 @@ def test_a_failing_timer_is_logged_and_the_loop_carries_on(daemon, write_script)
     assert c.ask("ping") == "pong"              # and the session is still served
     other = d.connect()
     assert other.ask("ping") == "pong"
+
+
+def test_a_cancelled_call_later_never_runs(daemon, write_script):
+    d = daemon(write_script(TIMER_SCRIPT))
+    c = d.connect()
+    assert c.ask("later-cancelled") == "scheduled"
+    assert c.readline() == "the other timer ran"    # due after the cancelled one
+    assert c.ask("ping") == "pong"
+
+
+def test_a_failing_repeating_timer_is_logged_each_time_and_keeps_repeating(
+        daemon, write_script):
+    d = daemon(write_script(TIMER_SCRIPT))
+    c = d.connect()
+    assert c.ask("every-failing 0.05") == "started"
+    assert c.readlines(3) == ["failing tick 1", "failing tick 2", "failing tick 3"]
+    for n in (1, 2, 3):
+        d.expect_log(r"ERROR timer _tick_and_fail failed")
+        d.expect_log(rf"ZeroDivisionError: tick {n} went wrong")
+    c.send_lines("cancel")
+    while not (line := c.readline()).startswith("cancelled"):
+        assert line.startswith("failing tick ")
+    assert c.ask("ping") == "pong"
 
 
 def test_call_later_from_on_start_runs_without_any_client(daemon, write_script, tmp_path):

@@ -101,6 +101,36 @@ def test_a_killed_worker_is_restarted(daemon, pid_script):
     assert set(_answers(d, 2)) == {survivor, replacement}
 
 
+def test_a_worker_that_crashes_by_itself_is_restarted_and_the_other_serves_on(
+        daemon, write_script):
+    d = daemon(write_script("""
+import os
+
+def handle_request(s):
+    if s.request == "crash":
+        os._exit(3)                 # dies as a crashing C extension would
+    s.response = str(os.getpid())
+"""), "--workers", "2")
+    victim_pid, survivor_pid = _ready_pids(d)
+    on: dict[int, LineClient] = {}              # worker pid -> a connection to it
+    for _ in range(300):
+        c = d.connect()
+        pid = int(c.ask("pid"))
+        if pid in on:
+            c.close()
+        else:
+            on[pid] = c
+        if len(on) == 2:
+            break
+    assert set(on) == {victim_pid, survivor_pid}
+    on[victim_pid].send_lines("crash")
+    assert on[victim_pid].read_all() == b""     # its connections are lost
+    d.expect_log(rf"worker 1 \(pid {victim_pid}\) exited with status 3; restarting it in 0.5s")
+    replacement = int(d.expect_log(r"worker 1 \(pid (\d+)\) ready").group(1))
+    assert on[survivor_pid].ask("pid") == str(survivor_pid)    # untouched
+    assert _children(d.pid) == {survivor_pid, replacement}
+
+
 def test_a_worker_dying_young_again_and_again_is_restarted_with_backoff(daemon, pid_script):
     d = daemon(pid_script, "--workers", "2")
     victim = _ready_pids(d)[0]
@@ -121,6 +151,24 @@ def test_term_stops_every_worker_and_exits_0(daemon, pid_script, tmp_path):
     c.ask("x")
     assert d.stop() == 0
     assert not any(_alive(pid) for pid in workers)
+    assert not pidfile.exists()
+
+
+def test_the_supervisor_holds_the_pidfile_while_workers_restart(daemon, pid_script, tmp_path):
+    pidfile = tmp_path / "mpxd.pid"
+    d = daemon(pid_script, "--workers", "2", "--pidfile", str(pidfile))
+    victim = _ready_pids(d)[0]
+    os.kill(victim, signal.SIGKILL)
+    d.expect_log(r"worker 1 \(pid (\d+)\) ready")
+    assert pidfile.read_text().strip() == str(d.pid)    # a worker's death changes nothing
+    second = subprocess.run(
+        MPXD + ["--workers", "2", "--port", "0", "--host", "127.0.0.1",
+                "--pidfile", str(pidfile), pid_script],
+        cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert second.returncode == 1
+    assert f"another mpxd is running (pid {d.pid} holds" in second.stderr, second.stderr
+    assert pidfile.read_text().strip() == str(d.pid)
+    assert d.stop() == 0
     assert not pidfile.exists()
 
 
