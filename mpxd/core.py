@@ -259,37 +259,38 @@ class Core:
         global _current
         _current = self
         handler = self._handle_request
-        batch: list[str] = []
-        append = batch.append
-        s._batch = batch
+        s._batch = batch = []
         self._handling = s
         room = self._high_water - s._out_size
         size = 0
-        handled = len(lines)
-        for index, line in enumerate(lines):
+        rest: list[str] = []        # lines not handled (held back, or dropped)
+        remaining = iter(lines)
+        for line in remaining:
             s.request = line
             s.response = ""
             try:
                 handler(s)
             except Exception as e:  # noqa: BLE001 - a handler bug ends its session only
                 self._handler_failed(s, line, e)
-                handled = index + 1
+                rest = list(remaining)
                 break
             response = s.response
             if response:
-                append(response)
+                batch.append(response)
                 size += len(response)
-                if size > room and index + 1 < handled:
-                    s._held = lines[index + 1:]
-                    s._paused = True
-                    self.dirty.append(s)
-                    handled = index + 1
+                if size > room:     # past the high-water mark: hold the rest
+                    rest = list(remaining)
+                    if rest and not s.closed:
+                        s._held = rest
+                        s._paused = True
+                        self.dirty.append(s)
                     break
             if s.closed:
-                handled = index + 1
+                rest = list(remaining)
                 break
         s._batch = None
         self._handling = None
+        handled = len(lines) - len(rest)
         s._requests += handled
         self.requests_total += handled
         if batch:
