@@ -818,30 +818,42 @@ make bench                                   # all of it, a few minutes
 .venv/bin/python bench/run.py --from-results --write-docs   # redo tables from the last run
 ```
 
-How steady the figures are: four full runs on this machine within one
-afternoon, with other work coming and going, gave CPU ratios against the
-best peer of 0.75 to 1.04 for (a), 0.68 to 0.78 for (b), 1.43 to 1.48 for
-(c) and 0.77 to 1.05 for (d).  mpxd's own CPU per request hardly moved
-(7.6 to 8.0 us in (a)); uvloop's did (7.5 us on a quiet machine, 9 to 10 us
-on a busy one, where its batches per wake-up are smaller).  Compare runs
-taken together, and look at the waiting table before trusting req/s.
+How steady the figures are: two full runs on a quiet machine (2026-11-30,
+load average under 1) gave CPU ratios against the best peer of 1.06 and
+1.06 for (a), 1.04 and 1.02 for (b), 1.10 and 1.07 for (c), 1.08 and 1.04
+for (d); mpxd's own CPU per request moved by under 2%.  Runs taken while
+other work shared the machine (2026-11-25) gave 0.75 to 1.05: a busy
+machine costs uvloop more than mpxd (its batches per wake-up get smaller),
+so compare runs taken together, and look at the waiting table before
+trusting req/s.
 """
 
 DOCS_WHY = """\
-Why, where mpxd is behind (from `bench/run.py --profile`, `strace -c` and
-runs at other log levels when this section was written; rerun them after
-changing the hot path):
+Why mpxd is level with uvloop rather than ahead of it (from py-spy and
+cProfile profiles, `bench/run.py --profile`, and micro-benchmarks of the
+core without sockets, 2026-11-30; rerun them after changing the hot path):
 
-* Every server makes the same system calls per request with one request per
-  round trip: one `read`, one `write`, and a share of one `epoll_wait`.  The
-  kernel's part of that (about 4 us here, what the C yardstick spends) is a
-  floor no Python server gets under, so a 20% lead on CPU per request has
-  to come out of the remaining 3 to 5 us of Python per request.
-* Churn: mpxd logs one INFO line per closed session (SPEC section 5), by
-  default; formatting and writing it is about a third of mpxd's CPU per
-  connection (about 30 us per connection at the default level against about
-  20 us with `--log-level warning`, about uvloop's figure).  The peers log
-  nothing.
+* Every server makes the same system calls per request with one request
+  per round trip: one `read`, one `write` (which on loopback also pays for
+  delivering the bytes to the client's socket), and a share of one
+  `epoll_wait`.  That kernel part, about 3.1 us here (what the C yardstick
+  spends), is a floor no Python server gets under.  Above it, uvloop spends
+  about 2.1 us per request and mpxd about 2.4 us, of which the counter
+  handler itself (split, regular expression, `int`, `str`) is 0.5 us for
+  every server.  The issue's 0.8 would need mpxd's own part cut to about
+  0.5 us: less than one Python function call per layer it has (read, frame,
+  handle, queue, write) costs.
+* Pipelined (b): per line, the handler's 0.5 us is most of the cost for
+  every Python server; mpxd's per-line overhead is about 0.17 us.
+* Churn (c): mpxd writes one INFO line per closed session (SPEC section 5)
+  by default; batched into one write per loop pass and formatted without a
+  `LogRecord`, it costs about 1.5 us of mpxd's 16 us per connection (it was
+  7 us before batching).  The peers log nothing.
+* p99 latency: mpxd answers every session read in one pass with one write
+  per session at the end of the pass, which saves `epoll_wait` calls but
+  makes the first client of a pass wait for the others.  Writing each
+  answer at once cut p99 from about 530 to 350 us but cost 14% more CPU per
+  request (fewer events per wake-up), so the batching stays.
 """
 
 
