@@ -28,7 +28,8 @@ Besides ``handle_request(s)`` (required), ``handle_open(s)`` and
                        until now (``count = old_module.count``).  If it
                        raises, the old version keeps serving.
 
-An exception in ``on_start`` or ``on_stop`` is logged; the daemon goes on.
+An exception in ``on_start`` stops start-up (logged; exit status 1, and
+``on_stop`` does not run); one in ``on_stop`` is logged and the stop goes on.
 With ``--workers N`` every worker process runs the hooks for its own copy
 of the script.
 """

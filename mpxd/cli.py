@@ -17,7 +17,7 @@ import click
 from . import __version__
 from .config import Config, water_marks
 from .core import Core
-from .daemonize import Detached, detach
+from .daemonize import Detached, detach, start_failed
 from .edge import Edge, edge_options, edge_settings
 from .listeners import ListenError, bind_listeners, describe
 from .logs import LEVELS, reopen_log_files, setup_logging
@@ -183,12 +183,7 @@ def run(config: Config, inherited: list) -> int:
             edge.close()
         if pidfile is not None:
             pidfile.release()
-        log.error("%s", e)      # before the report: the waiting command may read the log
-        if detached is not None:
-            detached.failed(str(e))
-        if not config.daemon and log.handlers and not _logs_to_stderr():
-            click.echo(f"Error: {e}", err=True)
-        return 1
+        return start_failed(str(e), detached, config.daemon)
 
     notifier = Notifier.from_environment()
     try:
@@ -197,6 +192,12 @@ def run(config: Config, inherited: list) -> int:
                     reopen_logs=lambda: reopen_log_files(reopenable))
         loop.install_signals()      # before "listening": a TERM from then on drains
         edge.install(loop)
+        if not core.start():        # on_start raised: what it prepares is missing
+            core.stop(run_on_stop=False)
+            for sock in listeners:
+                sock.close()
+            return start_failed(f"{config.script}: on_start failed (traceback above); "
+                                "not serving", detached, config.daemon)
         if inherited and config.port is not None:
             log.warning("--port %d ignored: serving the sockets systemd passed "
                         "(LISTEN_FDS)", config.port)
@@ -213,11 +214,6 @@ def run(config: Config, inherited: list) -> int:
         notifier.close()
     log.info("stopped")
     return 0
-
-
-def _logs_to_stderr() -> bool:
-    return any(getattr(h, "stream", None) is sys.stderr
-               for h in logging.getLogger("mpxd").handlers)
 
 
 if __name__ == "__main__":  # pragma: no cover

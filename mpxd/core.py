@@ -95,18 +95,27 @@ class Core:
         self._handle_open = handlers.handle_open
         self._handle_close = handlers.handle_close
 
-    def start(self) -> None:
-        """Make this the current core and run the script's ``on_start``."""
-        global _current
-        _current = self
-        if self.handlers.on_start is not None:
-            self._call_user(self.handlers.on_start, None, "on_start", self)
+    def start(self) -> bool:
+        """Make this the current core and run the script's ``on_start``.
 
-    def stop(self) -> None:
-        """Run the script's ``on_stop`` and end the worker threads."""
+        False when ``on_start`` raised (logged with its traceback): the
+        service it was to prepare is not there, so the edge does not serve.
+        """
         global _current
         _current = self
-        if self.handlers.on_stop is not None:
+        if self.handlers.on_start is None:
+            return True
+        return self._call_user(self.handlers.on_start, None, "on_start", self)
+
+    def stop(self, run_on_stop: bool = True) -> None:
+        """Run the script's ``on_stop`` and end the worker threads.
+
+        ``run_on_stop=False`` after a failed ``on_start``: ``on_stop`` may
+        take for granted what ``on_start`` set up.
+        """
+        global _current
+        _current = self
+        if run_on_stop and self.handlers.on_stop is not None:
             self._call_user(self.handlers.on_stop, None, "on_stop", self)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)

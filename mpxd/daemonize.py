@@ -9,10 +9,27 @@ or a taken port instead of a silent, dead daemon.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
-__all__ = ["Detached", "detach"]
+__all__ = ["Detached", "detach", "start_failed"]
+
+
+def start_failed(message: str, detached: "Detached | None", daemon: bool) -> int:
+    """Say why start-up failed, wherever the operator will look; return 1.
+
+    The log first (the command ``--daemon`` left waiting may show it), then
+    that command, then stderr if the log goes elsewhere (a file, syslog).
+    """
+    logger = logging.getLogger("mpxd")
+    logger.error("%s", message)
+    if detached is not None:
+        detached.failed(message)
+    if not daemon and logger.handlers and not any(
+            getattr(h, "stream", None) is sys.stderr for h in logger.handlers):
+        print(f"Error: {message}", file=sys.stderr)
+    return 1
 
 
 class Detached:

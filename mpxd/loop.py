@@ -125,13 +125,14 @@ class Loop:
     # ------------------------------------------------------------ running
 
     def run(self) -> None:
-        """Serve until a TERM/INT-initiated drain has closed every session."""
+        """Serve until a TERM/INT-initiated drain has closed every session.
+
+        The caller has run ``core.start()`` (the script's ``on_start``)."""
         core = self.core
         poller = self.poller
         self._wakeup.install()
         poller.register(self._wakeup.fileno(), IN)
         self._start_accepting()
-        core.start()
         if self.notifier.enabled:
             core.call_every(STATUS_INTERVAL, self._report_status)
             if self.notifier.watchdog_interval:

@@ -55,7 +55,7 @@ import click
 
 from .config import Config
 from .core import Core
-from .daemonize import Detached, detach
+from .daemonize import Detached, detach, start_failed
 from .edge import Edge
 from .listeners import ListenError, bind_listeners, describe
 from .logs import reopen_log_files, setup_logging
@@ -125,7 +125,7 @@ def supervise(config: Config, inherited: list[socket.socket], count: int) -> int
     except (PidFileError, ListenError) as e:
         if pidfile is not None:
             pidfile.release()
-        return _failed(config, detached, str(e))
+        return start_failed(str(e), detached, config.daemon)
 
     supervisor = Supervisor(config, count, held, shared=bool(inherited),
                             notifier=Notifier.from_environment(), detached=detached,
@@ -138,21 +138,9 @@ def supervise(config: Config, inherited: list[socket.socket], count: int) -> int
         if pidfile is not None:
             pidfile.release()
     if supervisor.failure:
-        return _failed(config, detached, supervisor.failure)
+        return start_failed(supervisor.failure, detached, config.daemon)
     log.info("stopped")
     return status
-
-
-def _failed(config: Config, detached: Detached | None, message: str) -> int:
-    """Report a start-up failure as ``cli.run`` does; exit status 1."""
-    log.error("%s", message)      # before the report: the waiting command may read the log
-    if detached is not None:
-        detached.failed(message)
-    handlers = logging.getLogger("mpxd").handlers
-    if not config.daemon and handlers and not any(
-            getattr(h, "stream", None) is sys.stderr for h in handlers):
-        click.echo(f"Error: {message}", err=True)
-    return 1
 
 
 class Supervisor:
@@ -465,6 +453,11 @@ def _serve_as_worker(config: Config, number: int, status_fd: int,
     loop = Loop(core, config, listeners, Notifier(None), reopen_logs=reopen_logs)
     loop.install_signals()
     edge.install(loop)
+    if not core.start():                # on_start raised (logged): do not serve
+        core.stop(run_on_stop=False)
+        _report(status_fd, f"error {config.script}: on_start failed in worker {number} "
+                           "(traceback above); not serving")
+        return 1
     # Forwarded signals were blocked since the fork; now the loop handles them.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     # "ready" from the loop's first pass: on_start has run and it accepts.

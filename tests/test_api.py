@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import select
 import signal
+import subprocess
 import time
 
 import pytest
 
-from conftest import wait_until
+from conftest import MPXD, wait_until
+from spawn import mpxd  # noqa: F401 - fixture
 
 THREAD_SCRIPT = """
 import threading, time
@@ -257,18 +259,39 @@ def handle_request(s):
         f"start {d.pid}", "timer from on_start", "stop 0 open"]
 
 
-def test_a_failing_on_start_is_logged_and_the_daemon_serves_anyway(daemon, write_script):
-    d = daemon(write_script("""
+FAILING_ON_START = """
 def on_start(server):
     raise ConnectionError("database unreachable")
 
+def on_stop(server):
+    print("on_stop ran")
+
 def handle_request(s):
     s.response = "pong"
-"""))
-    d.expect_log(r"ERROR on_start failed")
-    d.expect_log(r"ConnectionError: database unreachable")
-    assert d.connect().ask("ping") == "pong"
-    assert d.stop() == 0
+"""
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["single", "workers"])
+def test_a_failing_on_start_stops_start_up_with_status_1(mpxd, write_script, workers):
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", *workers,
+              write_script(FAILING_ON_START)])
+    assert m.wait() == 1
+    log = m.log()
+    assert "ConnectionError: database unreachable" in log
+    assert "on_start failed" in log and "not serving" in log
+    assert "listening on" not in log
+    assert "on_stop ran" not in log                  # on_start's work is not there
+
+
+def test_a_failing_on_start_under_daemon_fails_the_starting_command(tmp_path, write_script):
+    pidfile = tmp_path / "mpxd.pid"
+    result = subprocess.run(
+        MPXD + ["--daemon", "--port", "0", "--host", "127.0.0.1", "--pidfile", str(pidfile),
+                "--log-file", str(tmp_path / "mpxd.log"), write_script(FAILING_ON_START)],
+        capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    assert "on_start failed" in result.stderr
+    assert not pidfile.exists()
 
 
 RELOAD_V1 = """

@@ -909,3 +909,12 @@ def test_mpxd_server_fails_the_test_when_the_daemon_does_not_stop_cleanly(author
     pid = int((author_project / "server.pid").read_text())
     with pytest.raises(ProcessLookupError):     # the failure did not leave it running
         os.kill(pid, 0)
+
+
+def test_a_failing_on_start_raises_as_the_daemon_refuses_to_start(tmp_path):
+    script = tmp_path / "db.py"
+    script.write_text("def on_start(server):\n"
+                      "    raise ConnectionError('database unreachable')\n"
+                      "def handle_request(s):\n    s.response = 'pong'\n")
+    with pytest.raises(ScriptError, match="on_start failed.*database unreachable"):
+        Harness(script)

@@ -267,7 +267,11 @@ class Harness:
         self._by_id: dict[int, Client] = {}
         self._next_port = 50000
         self._closed = False
-        self.core.start()
+        if not self.core.start():
+            # As the daemon does: a failing on_start stops start-up.
+            self.core.stop(run_on_stop=False)
+            raise ScriptError(f"{handlers.path}: on_start failed: "
+                              f"{self.core.errors[-1][2]!r}; not serving")
         self._settle()
 
     def __enter__(self) -> Harness:
