@@ -132,7 +132,11 @@ class Client:
                 k = rng.randint(1, 3)
                 line, answer = f"{k} global", GLOBAL
             elif roll < 0.85:
-                line, answer = rng.choice(["x", "", "abc def", "1x", "\t"]), 0
+                line, answer = rng.choice(["x", "", "abc def", "\t"]), 0
+            elif roll < 0.87:                # sscanf("%d") reads "7x" as 7
+                k = rng.randint(0, 9)
+                self.count += k
+                line, answer = f"{k}x", self.count
             elif roll < 0.90:
                 k = rng.randint(0, 9)
                 self.count += k
