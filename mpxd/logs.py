@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 __all__ = ["setup_logging", "reopen_log_files", "stderr_is_journal", "LEVELS",
-           "log_fast", "start_batching", "stop_batching", "flush_batched"]
+           "log_fast", "start_batching", "stop_batching", "flush_batched", "lines_waiting"]
 
 log = logging.getLogger("mpxd")
 
@@ -104,6 +104,9 @@ def log_fast(logger: logging.Logger, level: int, msg: str, *args: object) -> Non
 # runs); 0: none, every line is written at once.
 _batching_thread = [0]
 _batching_handlers: list["LineBatching"] = []
+# Handlers holding batched lines: the loop calls flush_batched only when
+# this list is not empty, so a pass without log lines costs one test.
+lines_waiting: list["LineBatching"] = []
 
 
 def start_batching() -> None:
@@ -124,8 +127,10 @@ def stop_batching() -> None:
 
 def flush_batched() -> None:
     """Write the lines batched since the last call (the loop, once per pass)."""
+    while lines_waiting:
+        lines_waiting.pop().flush()
     for handler in _batching_handlers:
-        if handler.batch:
+        if handler.batch:       # lines added while the batching thread changed
             handler.flush()
 
 
@@ -149,6 +154,8 @@ class LineBatching:
         self.batch.append(line)
         if levelno >= logging.WARNING or _batching_thread[0] != threading.get_ident():
             self.flush()
+        elif len(self.batch) == 1:
+            lines_waiting.append(self)
 
     def flush(self) -> None:
         with self.lock:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from .config import Config
 from .core import Core, format_peer
-from .logs import flush_batched, start_batching, stop_batching
+from .logs import flush_batched, lines_waiting, start_batching, stop_batching
 from .script import ScriptError, load_script
 from .session import Session
 from .signals import Wakeup
@@ -202,7 +202,8 @@ class Loop:
                 for s in dirty:
                     flush(s)
                 dirty.clear()
-            write_log_lines()
+            if lines_waiting:
+                write_log_lines()
             if self.draining and not conns and not self.lingering:
                 break
 
