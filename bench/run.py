@@ -826,14 +826,14 @@ make bench                                   # all of it, a few minutes
 .venv/bin/python bench/run.py --from-results --write-docs   # redo tables from the last run
 ```
 
-How steady the figures are: two full runs on a quiet machine (2026-11-30,
-load average under 1) gave CPU ratios against the best peer of 1.06 and
-1.06 for (a), 1.04 and 1.02 for (b), 1.10 and 1.07 for (c), 1.08 and 1.04
-for (d); mpxd's own CPU per request moved by under 2%.  Runs taken while
-other work shared the machine (2026-11-25) gave 0.75 to 1.05: a busy
-machine costs uvloop more than mpxd (its batches per wake-up get smaller),
-so compare runs taken together, and look at the waiting table before
-trusting req/s.
+How steady the figures are: four full runs on a quiet machine (2026-11-30,
+load average under 1.2, with small changes to mpxd between them) gave CPU
+ratios against the best peer of 1.03 to 1.07 for (a), 1.02 to 1.04 for
+(b), 1.05 to 1.10 for (c) and 1.04 to 1.08 for (d); mpxd's own CPU per
+request moved by under 2%, uvloop's by up to 3%.  Runs taken while other
+work shared the machine (2026-11-25) gave 0.75 to 1.05: a busy machine costs
+uvloop more than mpxd (its batches per wake-up get smaller), so compare
+runs taken together, and look at the waiting table before trusting req/s.
 """
 
 DOCS_WHY = """\
@@ -864,11 +864,13 @@ core without sockets, 2026-11-30; rerun them after changing the hot path):
   7 us before batching).  The peers log nothing.  The load generator is
   near its own limit in (c) against the fastest servers (its CPU table), so
   req/s ratios there understate differences; CPU ratios do not.
-* p99 latency: mpxd answers every session read in one pass with one write
-  per session at the end of the pass, which saves `epoll_wait` calls but
-  makes the first client of a pass wait for the others.  Writing each
-  answer at once cut p99 from about 530 to 350 us but cost 14% more CPU per
-  request (fewer events per wake-up), so the batching stays.
+* p99 latency: mpxd writes its answers in bursts, one write per session
+  after every 16 reads and at the end of each pass (`WRITE_EVERY` in
+  `mpxd/loop.py`).  Writing each answer at once cut p99 further but cost
+  14% more CPU per request (every write woke the client side again);
+  writing only at the end of the pass made the first sessions of a long
+  pass wait for all the others (p99 530 us instead of about 350 at 50 busy
+  connections).
 """
 
 
