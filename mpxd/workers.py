@@ -456,7 +456,7 @@ def _serve_as_worker(config: Config, number: int, status_fd: int,
     if not core.start():                # on_start raised (logged): do not serve
         core.stop(run_on_stop=False)
         _report(status_fd, f"error {config.script}: on_start failed in worker {number} "
-                           "(traceback above); not serving")
+                           "(its traceback is in the log); not serving")
         return 1
     # Forwarded signals were blocked since the fork; now the loop handles them.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
