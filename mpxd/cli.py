@@ -196,8 +196,8 @@ def run(config: Config, inherited: list) -> int:
             core.stop(run_on_stop=False)
             for sock in listeners:
                 sock.close()
-            return start_failed(f"{config.script}: on_start failed (its traceback is in the log); "
-                                "not serving", detached, config.daemon)
+            return start_failed(f"{config.script}: on_start failed (its traceback is "
+                                "in the log); not serving", detached, config.daemon)
         if inherited and config.port is not None:
             log.warning("--port %d ignored: serving the sockets systemd passed "
                         "(LISTEN_FDS)", config.port)
