@@ -196,6 +196,9 @@ def run(config: Config, inherited: list) -> int:
             core.stop(run_on_stop=False)
             for sock in listeners:
                 sock.close()
+            edge.close()            # all cleaned up before the waiting command hears
+            if pidfile is not None:
+                pidfile.release()
             return start_failed(f"{config.script}: on_start failed (its traceback is "
                                 "in the log); not serving", detached, config.daemon)
         if inherited and config.port is not None:
