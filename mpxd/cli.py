@@ -177,12 +177,7 @@ def run(config: Config, inherited: list) -> int:
         drop_privileges(config.user, config.group)
         handlers = load_script(config.script)
     except (PidFileError, ListenError, PrivilegeError, ScriptError) as e:
-        for sock in listeners:
-            sock.close()
-        if edge is not None:
-            edge.close()
-        if pidfile is not None:
-            pidfile.release()
+        _release(listeners, edge, pidfile)
         return start_failed(str(e), detached, config.daemon)
 
     notifier = Notifier.from_environment()
@@ -194,11 +189,7 @@ def run(config: Config, inherited: list) -> int:
         edge.install(loop)
         if not core.start():        # on_start raised: what it prepares is missing
             core.stop(run_on_stop=False)
-            for sock in listeners:
-                sock.close()
-            edge.close()            # all cleaned up before the waiting command hears
-            if pidfile is not None:
-                pidfile.release()
+            _release(listeners, edge, pidfile)
             return start_failed(f"{config.script}: on_start failed (its traceback is "
                                 "in the log); not serving", detached, config.daemon)
         if inherited and config.port is not None:
@@ -217,6 +208,17 @@ def run(config: Config, inherited: list) -> int:
         notifier.close()
     log.info("stopped")
     return 0
+
+
+def _release(listeners: list, edge: Edge | None, pidfile: PidFile | None) -> None:
+    """Give back what a failed start-up took, before the failure is reported:
+    a ``--daemon``'s waiting command may start the next instance at once."""
+    for sock in listeners:
+        sock.close()
+    if edge is not None:
+        edge.close()
+    if pidfile is not None:
+        pidfile.release()
 
 
 if __name__ == "__main__":  # pragma: no cover

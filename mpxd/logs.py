@@ -122,16 +122,15 @@ def start_batching() -> None:
 def stop_batching() -> None:
     """Write what is batched; from now on every line is written at once."""
     _batching_thread[0] = 0
-    flush_batched()
+    lines_waiting.clear()
+    for handler in _batching_handlers:
+        handler.flush()
 
 
 def flush_batched() -> None:
     """Write the lines batched since the last call (the loop, once per pass)."""
     while lines_waiting:
         lines_waiting.pop().flush()
-    for handler in _batching_handlers:
-        if handler.batch:       # lines added while the batching thread changed
-            handler.flush()
 
 
 class LineBatching:
@@ -140,6 +139,17 @@ class LineBatching:
     batch: list[str]
     fast_format: Callable[[int, str], str] | None = None
     lock: threading.RLock
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.batch = []
+        super().__init__(*args, **kwargs)   # type: ignore[call-arg]
+        _batching_handlers.append(self)
+
+    def close(self) -> None:
+        self.flush()
+        if self in _batching_handlers:
+            _batching_handlers.remove(self)
+        super().close()                     # type: ignore[misc]
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -174,21 +184,6 @@ class LineBatching:
 class BatchingStreamHandler(LineBatching, logging.StreamHandler):
     """stderr, one write per loop pass."""
 
-    def __init__(self, stream=None) -> None:
-        super().__init__(stream)
-        self.batch = []
-        _batching_handlers.append(self)
-
-    def close(self) -> None:
-        self.flush()
-        _forget(self)
-        super().close()
-
-
-def _forget(handler: "LineBatching") -> None:
-    if handler in _batching_handlers:
-        _batching_handlers.remove(handler)
-
 
 _PID = [os.getpid()]    # refreshed by setup_logging and in a forked child
 # --daemon forks after logging is set up: the daemon's lines carry its own pid.
@@ -217,15 +212,6 @@ class ReopenableFileHandler(LineBatching, logging.FileHandler):
     """
 
     redirect_stdio = False
-
-    def __init__(self, filename: str, encoding: str | None = None) -> None:
-        self.batch = []
-        super().__init__(filename, encoding=encoding)
-        _batching_handlers.append(self)
-
-    def close(self) -> None:
-        _forget(self)
-        super().close()                   # flushes the batch first
 
     def reopen(self) -> None:
         """Open the path anew, then switch to it; on failure keep the old file."""

@@ -49,8 +49,8 @@ ACCEPT_BATCH = 128
 # wake the clients' side less often than a write per read (measured: 14% less
 # CPU per request than writing at once).  But in a pass of 50 ready sessions
 # the first waits for all the others; writing out after every 16 reads keeps
-# that wait short (p99 at 50 busy connections: 530 -> 330 us) for about 2%
-# more CPU.
+# that wait short (p99 at 50 busy connections: 530 -> about 310 us) at a
+# CPU cost within the benchmark's noise (0 to 2%).
 WRITE_EVERY = 16
 ACCEPT_BACKOFF = 0.1            # seconds without accepting after EMFILE
 STATUS_INTERVAL = 5.0           # seconds between systemd STATUS= updates
