@@ -13,6 +13,10 @@ import time
 import pexpect
 import pytest
 
+# The ``mpxd`` fixture (the real command under subprocess, logs in a file)
+# lives in tests/spawn.py; every test module may ask for it.
+pytest_plugins = ["spawn"]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANDLERS = os.path.join(ROOT, "handlers")
 MPXD = [sys.executable, "-m", "mpxd"]

@@ -11,7 +11,6 @@ import pytest
 from conftest import wait_until
 from mpxd.access import AccessRules, AddressLimit, RateLimit, RefusalLog, parse_network
 from mpxd.framing import LineFramer
-from spawn import mpxd  # noqa: F401 - fixture
 
 HANDLER = '''
 opens = 0

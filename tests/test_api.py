@@ -12,7 +12,6 @@ import time
 import pytest
 
 from conftest import MPXD, wait_until
-from spawn import mpxd  # noqa: F401 - fixture
 
 THREAD_SCRIPT = """
 import threading, time

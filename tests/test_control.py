@@ -15,7 +15,6 @@ import pytest
 
 from conftest import ROOT, wait_until
 from mpxd.mpxctl import ControlClient, DaemonError, render_sessions, render_stats
-from spawn import mpxd  # noqa: F401 - fixture
 
 HANDLER = '''
 VERSION = "one"

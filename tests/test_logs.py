@@ -19,7 +19,6 @@ import pytest
 
 from conftest import HANDLERS, LineClient
 from mpxd.logs import JournalFormatter, setup_logging, stderr_is_journal
-from spawn import mpxd  # noqa: F401 - fixture
 
 COUNTER = os.path.join(HANDLERS, "counter.py")
 

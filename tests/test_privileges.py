@@ -20,7 +20,6 @@ import textwrap
 import pytest
 
 from conftest import ROOT
-from spawn import mpxd  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

@@ -19,7 +19,6 @@ import pytest
 
 from conftest import wait_until
 from mpxd.signals import Wakeup
-from spawn import mpxd  # noqa: F401 - fixture
 
 # VERSION is what HUP tests change; s.handle counts this session's requests.
 SCRIPT = """\

@@ -19,7 +19,6 @@ import pytest
 
 from conftest import HANDLERS, ROOT, LineClient
 from mpxd.systemd import Notifier, listen_fds
-from spawn import mpxd  # noqa: F401 - fixture
 
 COUNTER = os.path.join(HANDLERS, "counter.py")
 

@@ -21,7 +21,6 @@ import warnings
 import pytest
 
 from mpxd.tls import subject_string
-from spawn import mpxd  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
                                 reason="the openssl command is needed to make test certificates")

@@ -13,7 +13,6 @@ import pytest
 from conftest import ROOT
 from mpxd.listeners import ListenError
 from mpxd.unix import UnixPeer, bind_unix
-from spawn import mpxd  # noqa: F401 - fixture
 
 HANDLER = '''
 def handle_open(s):
