@@ -165,6 +165,24 @@ def test_echo_round_trips_any_bytes(daemon):
     assert c.readlines(2) == ["crlf", "after"]
 
 
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_reads_around_the_first_read_size_lose_nothing(daemon, delta):
+    """The loop reads FIRST_READ bytes first and the rest in a second read:
+    a burst of exactly FIRST_READ bytes (the second read finds nothing), one
+    byte less and one more must all arrive whole, and so must a burst far
+    larger than both reads together."""
+    from mpxd.loop import FIRST_READ, RECV_SIZE
+    d = daemon(ECHO)
+    c = d.connect(timeout=20)
+    size = FIRST_READ + delta
+    line = b"x" * (size - 1)
+    c.send(line + b"\n")                       # one burst of `size` bytes
+    assert c.readlines(1) == [line.decode()]
+    lines = [(b"%05d" % n) * 40 for n in range(2 * RECV_SIZE // 200 + delta + 3)]
+    c.send(b"\n".join(lines) + b"\n")
+    assert c.readlines(len(lines)) == [x.decode() for x in lines]
+
+
 def test_crlf_end_of_line(daemon, write_script):
     script = write_script("def handle_request(s):\n"
                           "    s.response = 'two\\nlines' if s.request == 'm' else s.request\n")
