@@ -21,14 +21,16 @@
  *
  * Prints one line:
  *   reqs=N rps=R conns=C depth=D errors=E bad=B p50_us=.. p99_us=.. max_us=..
- *   connects=K secs=S loadgen_cpu=F server_cpu_s=X loadgen_waited=W server_waited=V
+ *   connects=K secs=S loadgen_cpu=F server_cpu_s=X server_sys_s=Y
+ *   loadgen_waited=W server_waited=V
  * Latency is per round trip (first byte sent to last answer read);
  * loadgen_cpu is this program's own CPU time over the window divided by the
  * window (1.0 = one core saturated: the load generator is the bottleneck);
  * the *_waited figures are the share of the window this program and the -P
  * processes spent ready to run but waiting for their core (from
- * /proc/PID/schedstat): other work on the machine.  server_cpu_s and
- * server_waited are -1 without -P.
+ * /proc/PID/schedstat): other work on the machine.  server_cpu_s is the -P
+ * processes' user + system time over the window, server_sys_s its system
+ * (kernel) part; they and server_waited are -1 without -P.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -86,10 +88,12 @@ static double own_cpu(void) {
          + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
 }
 
-/* utime + stime of every -P process, in seconds; -1 when none was given. */
-static double server_cpu(void) {
+/* utime + stime of every -P process, in seconds, and in *sys the stime
+ * part; -1 when none was given. */
+static double server_cpu(double *sys) {
+    *sys = -1;
     if (npids == 0) return -1;
-    long ticks = 0;
+    long ticks = 0, sys_ticks = 0;
     for (int i = 0; i < npids; i++) {
         char path[64], buf[1024];
         snprintf(path, sizeof path, "/proc/%d/stat", pids[i]);
@@ -104,9 +108,12 @@ static double server_cpu(void) {
         /* after ") ": state ppid pgrp session tty tpgid flags minflt cminflt
          * majflt cmajflt utime stime */
         if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %ld %ld",
-                   &utime, &stime) == 2)
+                   &utime, &stime) == 2) {
             ticks += utime + stime;
+            sys_ticks += stime;
+        }
     }
+    *sys = (double)sys_ticks / sysconf(_SC_CLK_TCK);
     return (double)ticks / sysconf(_SC_CLK_TCK);
 }
 
@@ -285,12 +292,12 @@ int main(int argc, char **argv) {
     for (int i = 0; i < nconns; i++) { cs[i].fd = -1; cs[i].state = CLOSED; }
     int opened = 0, ready = 0, in_flight = 0;
 
-    double t_start = 0, t_end = 0, cpu0 = 0, server0 = 0, wait0 = 0, server_wait0 = 0;
+    double t_start = 0, t_end = 0, cpu0 = 0, server0 = 0, sys0 = 0, wait0 = 0, server_wait0 = 0;
     double setup_deadline = now() + SETUP_LIMIT;
     if (churn) {
         measuring = 1;
         t_start = now(); t_end = t_start + secs;
-        cpu0 = own_cpu(); server0 = server_cpu();
+        cpu0 = own_cpu(); server0 = server_cpu(&sys0);
         wait0 = run_delay(0); server_wait0 = servers_run_delay();
         for (int i = 0; i < nconns; i++) open_conn(&cs[i]);
     }
@@ -313,7 +320,7 @@ int main(int argc, char **argv) {
             if (ready == nconns) {
                 measuring = 1;
                 t_start = now(); t_end = t_start + secs;
-                cpu0 = own_cpu(); server0 = server_cpu();
+                cpu0 = own_cpu(); server0 = server_cpu(&sys0);
                 wait0 = run_delay(0); server_wait0 = servers_run_delay();
                 for (int i = 0; i < nconns; i++)
                     if (cs[i].state == READY && start_round(&cs[i]) < 0) {
@@ -373,7 +380,9 @@ int main(int argc, char **argv) {
     }
     double elapsed = now() - t_start;
     double cpu = (own_cpu() - cpu0) / elapsed;
-    double server = npids ? server_cpu() - server0 : -1;
+    double sys1;
+    double server = npids ? server_cpu(&sys1) - server0 : -1;
+    double server_sys = npids ? sys1 - sys0 : -1;
     double waited = (run_delay(0) - wait0) / elapsed;
     double server_waited = npids ? (servers_run_delay() - server_wait0) / elapsed : -1;
 
@@ -383,8 +392,8 @@ int main(int argc, char **argv) {
     double mx = nlat ? lat[nlat - 1] : 0;
     printf("reqs=%lld rps=%.0f conns=%d depth=%d errors=%lld bad=%lld p50_us=%.0f "
            "p99_us=%.0f max_us=%.0f connects=%lld secs=%.3f loadgen_cpu=%.3f "
-           "server_cpu_s=%.3f loadgen_waited=%.3f server_waited=%.3f\n",
+           "server_cpu_s=%.3f server_sys_s=%.3f loadgen_waited=%.3f server_waited=%.3f\n",
            reqs, reqs / elapsed, nconns, depth, errors, bad, p50, p99, mx, connects,
-           elapsed, cpu, server, waited, server_waited);
+           elapsed, cpu, server, server_sys, waited, server_waited);
     return 0;
 }

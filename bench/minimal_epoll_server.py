@@ -19,6 +19,7 @@ import socket
 from peers import BACKLOG, Line, announce, load_counter, parse_args, raise_fd_limit, split_lines
 
 handle_request, handle_close = load_counter()
+FIRST_READ = 512 - 33
 
 
 def main() -> None:
@@ -55,9 +56,17 @@ def serve(listener: socket.socket, poller: select.epoll, sessions: dict[int, lis
                 continue
             entry = sessions[fd]
             try:
-                data = read(fd, 65536)
+                # A small first read: CPython makes bytes objects this small
+                # from its own allocator, a 64 KiB one costs a malloc whatever
+                # arrives (mpxd does the same, see FIRST_READ in mpxd/loop.py).
+                data = read(fd, FIRST_READ)
             except OSError:
                 data = b""
+            if len(data) == FIRST_READ:
+                try:
+                    data += read(fd, 65536)
+                except OSError:
+                    pass                    # BlockingIOError: the first read got it all
             if not data:                    # EOF or reset: close (epoll forgets fd)
                 del sessions[fd]
                 os.close(fd)

@@ -114,6 +114,7 @@ class Result:
     secs: float                 # the measured window
     server_waited: float        # share of the window the server waited for its core
     loadgen_waited: float       # the same for the load generator
+    server_sys_s: float = -1.0  # the kernel's part of server_cpu_s (-1: not measured)
 
     @property
     def server_busy(self) -> float:
@@ -124,6 +125,13 @@ class Result:
     def cpu_us(self) -> float:
         """Server CPU microseconds per answered request."""
         return self.server_cpu_s * 1e6 / self.reqs if self.reqs else float("nan")
+
+    @property
+    def sys_us(self) -> float:
+        """Of ``cpu_us``, the microseconds the kernel spent for the server (system time)."""
+        if not self.reqs or self.server_sys_s < 0:
+            return float("nan")
+        return self.server_sys_s * 1e6 / self.reqs
 
 
 def mpxd_argv(*extra: str) -> tuple[str, ...]:
@@ -318,7 +326,8 @@ class Bench:
                       loadgen_cpu=float(v["loadgen_cpu"]),
                       server_cpu_s=float(v["server_cpu_s"]), secs=float(v["secs"]),
                       server_waited=float(v["server_waited"]),
-                      loadgen_waited=float(v["loadgen_waited"]))
+                      loadgen_waited=float(v["loadgen_waited"]),
+                      server_sys_s=float(v["server_sys_s"]))
 
     @contextlib.contextmanager
     def idle_crowd(self, server: Server, count: int) -> Iterator[int]:
@@ -717,6 +726,10 @@ def sections(report: Report, render) -> list[tuple[str, str]]:
          render(t.metric_table("rps"))),
         ("Server CPU time per request, microseconds (median; lower is better)",
          render(t.metric_table("cpu_us", 2))),
+        ("Of that, system time: the kernel's work for the server (system calls, TCP "
+         "on loopback), microseconds per request (median); the rest is the server's "
+         "own code, the interpreter included",
+         render(t.metric_table("sys_us", 2))),
         ("Latency p99 per round trip, microseconds (median)", render(t.metric_table("p99_us"))),
         ("Server CPU, share of its core (median; below 100%, the server was waiting: "
          "for work, or for its core, next table)",
@@ -837,33 +850,50 @@ runs taken together, and look at the waiting table before trusting req/s.
 """
 
 DOCS_WHY = """\
-Why mpxd is level with uvloop rather than ahead of it (from py-spy and
-cProfile profiles, `bench/run.py --profile`, and micro-benchmarks of the
-core without sockets, 2026-11-30; rerun them after changing the hot path):
+Why mpxd is level with uvloop rather than ahead of it (from the system-time
+table above, py-spy and cProfile profiles, `bench/run.py --profile`, and
+micro-benchmarks of the core without sockets, 2026-11-30; rerun them after
+changing the hot path):
 
 * The issue's goal of 0.8 of the best peer's CPU per request is below what
   any pure-Python server reaches here: the minimal Python epoll loop (the
   floor row, with no daemon duties at all) itself needs about 0.95 of
-  uvloop's CPU with one request per round trip.  mpxd is within 5 to 11%
-  of that floor except under churn, where it does per-connection work the
-  floor skips (a session object, a framer, the close-reason log line, the
-  lingering close).
+  uvloop's CPU with one request per round trip.  mpxd is within about 5%
+  of uvloop and 5 to 10% of that floor except under churn, where it does
+  per-connection work the floor skips (a session object, a framer, the
+  close-reason log line, the lingering close).
 * Every server makes the same system calls per request with one request
   per round trip: one `read`, one `write` (which on loopback also pays for
-  delivering the bytes to the client's socket), and a share of one
-  `epoll_wait`.  That kernel part, about 3.1 us here (what the C yardstick
-  spends), is a floor no server gets under.  Above it, uvloop spends about
-  2.1 us per request and mpxd about 2.4 us, of which the counter handler
-  itself (split, regular expression, `int`, `str`) is 0.5 us for every
-  server.
+  delivering the bytes to the client's socket and waking it), and a share
+  of one `epoll_wait`.  The system-time table shows that kernel part: mpxd's
+  is the lowest of the Python servers, level with the C yardstick's (about
+  3.0 us against 3.3 to 3.5 for uvloop and the floor), because it writes
+  its answers in bursts (see p99 below) and a burst wakes the client once.
+  The rest is user time, where mpxd spends about 2.4 us per request against
+  about 1.9 for uvloop and 1.6 for the floor; the counter handler itself
+  (split, regular expression, `int`, `str`) is 0.5 us of it for every
+  server.  mpxd's extra 0.6 us over the floor is what a daemon must do per
+  read: count requests and bytes for the session's log line, note the time
+  of the last input for idle timeouts, check the high-water mark after each
+  answer, let a handler call `send_response`/`close_session` mid-batch, and
+  re-arm polling only when needed.  Each is a few tens of nanoseconds; none
+  can go without losing a feature the SPEC asks for.
+* Reads: the first read of a readable connection asks for 479 bytes
+  (`FIRST_READ` in `mpxd/loop.py`), the most CPython serves from its own
+  small-object allocator; a 64 KiB read costs a `malloc` and a shrinking
+  `realloc` whatever arrives.  A full first read is followed at once by a
+  64 KiB one.  This took about 3% off mpxd's CPU per request; the floor
+  loop reads the same way, and uvloop already reads into a buffer of its
+  own.
 * Pipelined (b): per line, the handler's 0.5 us is most of the cost for
   every Python server; mpxd's per-line overhead is about 0.17 us.
 * Churn (c): mpxd writes one INFO line per closed session (SPEC section 5)
   by default; batched into one write per loop pass and formatted without a
   `LogRecord`, it costs about 1.5 us of mpxd's 16 us per connection (it was
-  7 us before batching).  The peers log nothing.  The load generator is
-  near its own limit in (c) against the fastest servers (its CPU table), so
-  req/s ratios there understate differences; CPU ratios do not.
+  7 us before batching): the `%` formatting alone is 0.4 us, the handler
+  lock 0.15.  The peers log nothing.  The load generator is near its own
+  limit in (c) against the fastest servers (its CPU table), so req/s ratios
+  there understate differences; CPU ratios do not.
 * p99 latency: mpxd writes its answers in bursts, one write per session
   after every 16 reads and at the end of each pass (`WRITE_EVERY` in
   `mpxd/loop.py`).  Writing each answer at once cut p99 further but cost
@@ -871,6 +901,10 @@ core without sockets, 2026-11-30; rerun them after changing the hot path):
   writing only at the end of the pass made the first sessions of a long
   pass wait for all the others (p99 530 us instead of about 350 at 50 busy
   connections).
+* Tried and dropped (no gain beyond noise): edge-triggered epoll (saves the
+  kernel's re-check of each level-triggered descriptor, about 1% for the
+  floor loop), switching the garbage collector off, a cheaper way to make
+  accepted sockets non-blocking.
 """
 
 

@@ -20,7 +20,7 @@ import logging
 import time
 import traceback
 from collections import deque
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from .config import Config
 from .framing import LineFramer
@@ -271,30 +271,34 @@ class Core:
         s._batch = batch = []
         self._handling = s
         room = self._high_water - s._out_size  # bytes until the high-water mark
-        handled = 0
-        for line in lines:
-            handled += 1
+        rest: Sequence[str] = ()    # lines not handled (held back, or dropped)
+        remaining = iter(lines)     # on a break, what it still holds is the rest
+        for line in remaining:
             s.request = line
             s.response = ""
             try:
                 handler(s)
             except Exception as e:  # noqa: BLE001 - a handler bug ends its session only
                 self._handler_failed(s, line, e)
+                rest = list(remaining)
                 break
             response = s.response
             if response:
                 batch.append(response)
                 room -= len(response)
                 if room < 0:        # past the high-water mark: hold the rest
-                    if handled < len(lines) and not s.closed:
-                        s._held = lines[handled:]
+                    rest = list(remaining)
+                    if rest and not s.closed:
+                        s._held = rest
                         s._paused = True
                         self.dirty.append(s)
                     break
             if s.closed:
+                rest = list(remaining)
                 break
         s._batch = None
         self._handling = None
+        handled = len(lines) - len(rest)
         s._requests += handled
         self.requests_total += handled
         if batch:
