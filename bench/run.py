@@ -888,12 +888,16 @@ changing the hot path):
 * Pipelined (b): per line, the handler's 0.5 us is most of the cost for
   every Python server; mpxd's per-line overhead is about 0.17 us.
 * Churn (c): mpxd writes one INFO line per closed session (SPEC section 5)
-  by default; batched into one write per loop pass and formatted without a
-  `LogRecord`, it costs about 1.5 us of mpxd's 16 us per connection (it was
-  7 us before batching): the `%` formatting alone is 0.4 us, the handler
-  lock 0.15.  The peers log nothing.  The load generator is near its own
-  limit in (c) against the fastest servers (its CPU table), so req/s ratios
-  there understate differences; CPU ratios do not.
+  by default.  It is batched into one write per loop pass and formatted
+  without a `LogRecord`, and still costs about 2.5 us of mpxd's 16 us per
+  connection (7 us before batching): measured in alternating runs,
+  `--log-level warning` gave 13.4 to 14.0 us per connection, formatting the
+  line and throwing it away 14.7 to 15.0, writing it 15.9 to 16.3; uvloop
+  15.1 to 15.3.  The `%` formatting alone is 0.45 us in a micro-benchmark
+  (0.13 of it the `%.3f` duration), so there is no cheap way to halve it.
+  The peers log nothing.  The load generator is near its own limit in (c)
+  against the fastest servers (its CPU table), so req/s ratios there
+  understate differences; CPU ratios do not.
 * p99 latency: mpxd writes its answers in bursts, one write per session
   after every 16 reads and at the end of each pass (`WRITE_EVERY` in
   `mpxd/loop.py`).  Writing each answer at once cut p99 further but cost
