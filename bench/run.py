@@ -891,9 +891,9 @@ changing the hot path):
   by default.  It is batched into one write per loop pass and formatted
   without a `LogRecord`, and still costs about 2.5 us of mpxd's 16 us per
   connection (7 us before batching): measured in alternating runs,
-  `--log-level warning` gave 13.4 to 14.0 us per connection, formatting the
+  `--no-session-log` gave 13.3 to 14.0 us per connection, formatting the
   line and throwing it away 14.7 to 15.0, writing it 15.9 to 16.3; uvloop
-  15.1 to 15.3.  The `%` formatting alone is 0.45 us in a micro-benchmark
+  15.0 to 15.3.  The `%` formatting alone is 0.45 us in a micro-benchmark
   (0.13 of it the `%.3f` duration), so there is no cheap way to halve it.
   The peers log nothing.  The load generator is near its own limit in (c)
   against the fastest servers (its CPU table), so req/s ratios there

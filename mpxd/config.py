@@ -43,6 +43,7 @@ class Config:
     pidfile: str | None = None
     log_file: str | None = None
     log_level: str = "info"
+    session_log: bool = True          # the INFO line per closed session
     syslog: bool = False
     daemon: bool = False
     user: str | None = None

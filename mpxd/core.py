@@ -80,6 +80,7 @@ class Core:
         self._max_output = config.max_output
         self._max_line = config.max_line
         self._idle_timeout = config.idle_timeout
+        self._session_log = config.session_log
         # figures for logs, STATUS= and the control channel
         self.connections_total = 0
         self.requests_total = 0
@@ -250,7 +251,7 @@ class Core:
         self.sessions_by_id.pop(s.id, None)
         if self._handle_close is not None:
             self._call_user(self._handle_close, s, "handle_close", s)
-        if log.isEnabledFor(logging.INFO):
+        if self._session_log and log.isEnabledFor(logging.INFO):
             log_fast(log, logging.INFO, "session %d %s closed: %s, %.3fs, %d requests, "
                      "%d bytes in, %d bytes out",
                      s.id, format_peer(s.peer), s._reason or "closed",

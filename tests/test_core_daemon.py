@@ -457,6 +457,18 @@ def test_session_log_line_names_peer_reason_and_counts(daemon):
                  rf"2 requests, 4 bytes in, 4 bytes out".encode())
 
 
+def test_no_session_log_drops_only_the_per_session_line(daemon):
+    d = daemon(COUNTER, "--no-session-log")
+    c = d.connect()
+    c.send("1\n2\n")
+    c.shutdown_write()
+    assert c.read_all() == b"1\n3\n"     # the session has closed: its line is due
+    assert d.stop() == 0
+    rest = d.child.before                 # everything after "listening on"
+    assert b"shutting down" in rest, "other INFO lines are still written"
+    assert b" closed: " not in rest
+
+
 def test_term_stops_the_daemon_with_status_0_and_closes_sessions(daemon, recorder):
     d = daemon(recorder.script)
     c = d.connect()
