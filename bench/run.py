@@ -841,12 +841,15 @@ make bench                                   # all of it, a few minutes
 
 How steady the figures are: four full runs on a quiet machine (2026-11-30,
 load average under 1.2, with small changes to mpxd between them) gave CPU
-ratios against the best peer of 1.03 to 1.07 for (a), 1.02 to 1.04 for
-(b), 1.05 to 1.10 for (c) and 1.04 to 1.08 for (d); mpxd's own CPU per
-request moved by under 2%, uvloop's by up to 3%.  Runs taken while other
-work shared the machine (2026-11-25) gave 0.75 to 1.05: a busy machine costs
-uvloop more than mpxd (its batches per wake-up get smaller), so compare
-runs taken together, and look at the waiting table before trusting req/s.
+ratios against the best peer of 1.03 to 1.07 for (a), 1.02 to 1.04 for (b),
+1.05 to 1.10 for (c) and 1.04 to 1.08 for (d); mpxd's own CPU per request
+moved by under 2%, uvloop's by up to 3%. Two full runs after the small first
+read went in (`FIRST_READ`, 2026-11-30 evening) gave 1.02 and 1.02 for (a),
+1.03 and 1.04 for (b), 1.07 and 1.07 for (c), 1.06 and 1.06 for (d). Runs
+taken while other work shared the machine (2026-11-25) gave 0.75 to 1.05: a
+busy machine costs uvloop more than mpxd (its batches per wake-up get
+smaller), so compare runs taken together, and look at the waiting table
+before trusting req/s.
 """
 
 DOCS_WHY = """\
