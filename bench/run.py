@@ -53,6 +53,7 @@ PYTHON = sys.executable
 HOST = "127.0.0.1"
 CONNS = 50
 IDLE = 10_000
+WARM_UP_SECONDS = 1.0      # unmeasured load on each server before the rounds (warm_up)
 SCALING_CONNS = (10, 100, 1000, 10_000)
 SCALING_DEPTHS = (1, 4, 16, 64)
 START_TIMEOUT = 20.0        # seconds for a server to print its listening line
@@ -419,6 +420,18 @@ def run_rounds(report: Report, servers: dict[str, Server], bench: Bench) -> None
                       f"{result.cpu_us:7.2f} us/req  p99 {result.p99_us:>7,.0f} us  "
                       f"server busy {result.server_busy:4.0%} waiting {result.server_waited:4.0%}  "
                       f"loadgen {result.loadgen_cpu:4.0%}{flag}", flush=True)
+
+
+def warm_up(servers: dict[str, Server], bench: Bench) -> None:
+    """Serve WARM_UP_SECONDS of workload (a) on every server, unmeasured.
+
+    The rounds measure servers in their steady state.  A fresh asyncio server
+    is not in it: each of its 256 KiB reads is an mmap and a munmap until
+    glibc's malloc raises its mmap threshold, and in its first run it spent
+    three times its later CPU per request (measured: 18.7 us, then 6.1).
+    """
+    for server in servers.values():
+        bench.load(server, 50, seconds=WARM_UP_SECONDS)
 
 
 def run_scaling(report: Report, servers: dict[str, Server], bench: Bench, keys: list[str]) -> None:
@@ -818,6 +831,11 @@ path and commit the result with the change.
   `/proc/PID/stat` over the measured window (the load generator samples it at
   the window's start and end), divided by the answers received in it.  It is
   much steadier than requests per second on a shared machine.
+* Every server first serves one second of workload (a) that is not
+  measured: the rounds compare servers in their steady state.  A fresh
+  asyncio server spent three times its later CPU per request in its first
+  run (each 256 KiB read was an mmap and a munmap until glibc's malloc
+  raised its mmap threshold); without the warm-up that showed in round 1.
 * Servers alternate run by run (round robin, the order rotating each round);
   the tables show medians, and the ratios are computed within each round
   (mpxd against the peer measured minutes apart on the same machine), then
@@ -843,13 +861,13 @@ How steady the figures are: four full runs on a quiet machine (2026-11-30,
 load average under 1.2, with small changes to mpxd between them) gave CPU
 ratios against the best peer of 1.03 to 1.07 for (a), 1.02 to 1.04 for (b),
 1.05 to 1.10 for (c) and 1.04 to 1.08 for (d); mpxd's own CPU per request
-moved by under 2%, uvloop's by up to 3%. Two full runs after the small first
-read went in (`FIRST_READ`, 2026-11-30 evening) gave 1.02 and 1.02 for (a),
-1.03 and 1.04 for (b), 1.07 and 1.07 for (c), 1.06 and 1.06 for (d). Runs
-taken while other work shared the machine (2026-11-25) gave 0.75 to 1.05: a
-busy machine costs uvloop more than mpxd (its batches per wake-up get
-smaller), so compare runs taken together, and look at the waiting table
-before trusting req/s.
+moved by under 2%, uvloop's by up to 3%. Three full runs after the small
+first read went in (`FIRST_READ`, 2026-11-30 evening, the third with the
+warm-up) gave 1.02, 1.02 and 1.05 for (a), 1.03 to 1.04 for (b), 1.07 for
+(c) and 1.06 for (d). Runs taken while other work shared the machine
+(2026-11-25) gave 0.75 to 1.05: a busy machine costs uvloop more than mpxd
+(its batches per wake-up get smaller), so compare runs taken together, and
+look at the waiting table before trusting req/s.
 """
 
 DOCS_WHY = """\
@@ -865,22 +883,23 @@ changing the hot path):
   of uvloop and 5 to 10% of that floor except under churn, where it does
   per-connection work the floor skips (a session object, a framer, the
   close-reason log line, the lingering close).
-* Every server makes the same system calls per request with one request
-  per round trip: one `read`, one `write` (which on loopback also pays for
-  delivering the bytes to the client's socket and waking it), and a share
-  of one `epoll_wait`.  The system-time table shows that kernel part: mpxd's
-  is the lowest of the Python servers, level with the C yardstick's (about
-  3.0 us against 3.3 to 3.5 for uvloop and the floor), because it writes
-  its answers in bursts (see p99 below) and a burst wakes the client once.
-  The rest is user time, where mpxd spends about 2.4 us per request against
-  about 1.9 for uvloop and 1.6 for the floor; the counter handler itself
-  (split, regular expression, `int`, `str`) is 0.5 us of it for every
-  server.  mpxd's extra 0.6 us over the floor is what a daemon must do per
-  read: count requests and bytes for the session's log line, note the time
-  of the last input for idle timeouts, check the high-water mark after each
-  answer, let a handler call `send_response`/`close_session` mid-batch, and
-  re-arm polling only when needed.  Each is a few tens of nanoseconds; none
-  can go without losing a feature the SPEC asks for.
+* Every server makes the same system calls per request with one request per
+  round trip: one `read`, one `write` (which on loopback also pays for
+  delivering the bytes to the client's socket and waking it), and a share of
+  one `epoll_wait`. The system-time table shows that kernel part: mpxd's is
+  the lowest of the Python servers, level with the C yardstick's (2.9 to 3.0
+  us against 3.2 to 3.5 for uvloop and the floor, over three runs), because
+  it writes its answers in bursts (see p99 below) and a burst wakes the
+  client once. The rest is user time, where mpxd spends about 2.4 us per
+  request against 1.65 to 2.0 for uvloop and 1.5 to 1.6 for the floor; the
+  counter handler itself (split, regular expression, `int`, `str`) is 0.5 us
+  of it for every server. mpxd's extra 0.8 us over the floor is what a
+  daemon must do per read: count requests and bytes for the session's log
+  line, note the time of the last input for idle timeouts, check the
+  high-water mark after each answer, let a handler call
+  `send_response`/`close_session` mid-batch, and re-arm polling only when
+  needed. Each is a few tens of nanoseconds; none can go without losing a
+  feature the SPEC asks for.
 * Reads: the first read of a readable connection asks for 479 bytes
   (`FIRST_READ` in `mpxd/loop.py`), the most CPython serves from its own
   small-object allocator; a 64 KiB read costs a `malloc` and a shrinking
@@ -1090,6 +1109,7 @@ def main() -> int:
         if "mpxd" not in servers:
             print("mpxd did not start; nothing to compare", file=sys.stderr)
             return 1
+        warm_up(servers, bench)
         print(f"\n== {args.rounds} round(s), {len(servers)} servers, "
               f"{args.seconds:g}s per run ==", flush=True)
         run_rounds(report, servers, bench)
