@@ -15,6 +15,7 @@ import time
 import pytest
 
 from conftest import HANDLERS, wait_until
+from mpxd.loop import FIRST_READ, RECV_SIZE, _read_rest
 
 COUNTER = os.path.join(HANDLERS, "counter.py")
 ECHO = os.path.join(HANDLERS, "echo.py")
@@ -171,7 +172,6 @@ def test_reads_around_the_first_read_size_lose_nothing(daemon, delta):
     a burst of exactly FIRST_READ bytes (the second read finds nothing), one
     byte less and one more must all arrive whole, and so must a burst far
     larger than both reads together."""
-    from mpxd.loop import FIRST_READ, RECV_SIZE
     d = daemon(ECHO)
     c = d.connect(timeout=20)
     size = FIRST_READ + delta
@@ -181,6 +181,18 @@ def test_reads_around_the_first_read_size_lose_nothing(daemon, delta):
     lines = [(b"%05d" % n) * 40 for n in range(2 * RECV_SIZE // 200 + delta + 3)]
     c.send(b"\n".join(lines) + b"\n")
     assert c.readlines(len(lines)) == [x.decode() for x in lines]
+
+
+def test_the_rest_of_a_full_first_read_is_added_and_errors_wait_for_the_next_pass():
+    a, b = socket.socketpair()
+    with a, b:
+        b.setblocking(False)
+        a.sendall(b"more")
+        assert _read_rest(b.fileno(), b"first") == b"firstmore"
+        assert _read_rest(b.fileno(), b"only") == b"only"      # EAGAIN: nothing else waits
+        a.close()
+        assert _read_rest(b.fileno(), b"last") == b"last"      # EOF: seen by the next read
+    assert _read_rest(b.fileno(), b"kept") == b"kept"          # even EBADF loses no data
 
 
 def test_crlf_end_of_line(daemon, write_script):
