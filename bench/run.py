@@ -431,7 +431,7 @@ def warm_up(servers: dict[str, Server], bench: Bench) -> None:
     three times its later CPU per request (measured: 18.7 us, then 6.1).
     """
     for server in servers.values():
-        bench.load(server, 50, seconds=WARM_UP_SECONDS)
+        bench.load(server, CONNS, seconds=WARM_UP_SECONDS)
 
 
 def run_scaling(report: Report, servers: dict[str, Server], bench: Bench, keys: list[str]) -> None:
