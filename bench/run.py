@@ -54,7 +54,7 @@ HOST = "127.0.0.1"
 CONNS = 50
 IDLE = 10_000
 WARM_UP_SECONDS = 1.0      # unmeasured load on each server before the rounds (warm_up)
-SCALING_CONNS = (10, 100, 1000, 10_000)
+SCALING_CONNS = (1, 2, 10, 100, 1000, 10_000)
 SCALING_DEPTHS = (1, 4, 16, 64)
 START_TIMEOUT = 20.0        # seconds for a server to print its listening line
 SETTLE_TIMEOUT = 60.0       # seconds for a server to take or drop the idle crowd
@@ -861,10 +861,10 @@ How steady the figures are: four full runs on a quiet machine (2026-11-30,
 load average under 1.2, with small changes to mpxd between them) gave CPU
 ratios against the best peer of 1.03 to 1.07 for (a), 1.02 to 1.04 for (b),
 1.05 to 1.10 for (c) and 1.04 to 1.08 for (d); mpxd's own CPU per request
-moved by under 2%, uvloop's by up to 3%. Three full runs after the small
-first read went in (`FIRST_READ`, 2026-11-30 evening, the third with the
-warm-up) gave 1.02, 1.02 and 1.05 for (a), 1.03 to 1.04 for (b), 1.07 for
-(c) and 1.06 for (d). Runs taken while other work shared the machine
+moved by under 2%, uvloop's by up to 3%. Five full runs after the small
+first read went in (`FIRST_READ`, 2026-11-30 evening, the last three with
+the warm-up) gave 1.02 to 1.05 for (a), 1.02 to 1.04 for (b), 1.07 to 1.08
+for (c) and 1.05 to 1.06 for (d). Runs taken while other work shared the machine
 (2026-11-25) gave 0.75 to 1.05: a busy machine costs uvloop more than mpxd
 (its batches per wake-up get smaller), so compare runs taken together, and
 look at the waiting table before trusting req/s.
@@ -888,10 +888,10 @@ changing the hot path):
   delivering the bytes to the client's socket and waking it), and a share of
   one `epoll_wait`. The system-time table shows that kernel part: mpxd's is
   the lowest of the Python servers, level with the C yardstick's (2.9 to 3.0
-  us against 3.2 to 3.5 for uvloop and the floor, over three runs), because
+  us against 3.2 to 3.5 for uvloop and the floor, over five runs), because
   it writes its answers in bursts (see p99 below) and a burst wakes the
   client once. The rest is user time, where mpxd spends about 2.4 us per
-  request against 1.65 to 2.0 for uvloop and 1.5 to 1.6 for the floor; the
+  request against 1.6 to 2.0 for uvloop and 1.5 to 1.6 for the floor; the
   counter handler itself (split, regular expression, `int`, `str`) is 0.5 us
   of it for every server. mpxd's extra 0.8 us over the floor is what a
   daemon must do per read: count requests and bytes for the session's log
@@ -900,6 +900,22 @@ changing the hot path):
   `send_response`/`close_session` mid-batch, and re-arm polling only when
   needed. Each is a few tens of nanoseconds; none can go without losing a
   feature the SPEC asks for.
+* The kernel's part has no slack left to win: on loopback each request and
+  each answer is one TCP segment that carries the other side's ACK (2.0
+  segments per request in `/proc/net/snmp`, no bare ACKs), and with 50
+  busy connections each `epoll_wait` returns 49.8 events on average, so
+  the wait is already shared by a whole pass.
+* Light load (the first rows of the connections table): with one
+  connection every request is a loop pass of its own, begun by a wake-up,
+  and mpxd needs about 1.1 times uvloop's CPU per request (11.9 us against
+  10.7 to 10.9 over two runs): its pass runs more Python than uvloop's C
+  loop (the timer check, the write-out of the sessions with output, the
+  log batch check), and after each wake-up that code runs from cold
+  caches.  At two connections the burst writes already pay: mpxd needed
+  0.95 of uvloop's CPU per request, answered 1.16 times as many requests,
+  with a p50 of 13 us against 18 (three alternating runs by hand: CPU
+  0.92 to 1.02, req/s 1.09 to 1.27).  From ten connections on, the ratios
+  are those of the 50-connection workloads.
 * Reads: the first read of a readable connection asks for 479 bytes
   (`FIRST_READ` in `mpxd/loop.py`), the most CPython serves from its own
   small-object allocator; a 64 KiB read costs a `malloc` and a shrinking
@@ -931,6 +947,14 @@ changing the hot path):
   kernel's re-check of each level-triggered descriptor, about 1% for the
   floor loop), switching the garbage collector off, a cheaper way to make
   accepted sockets non-blocking.
+* Tried and dropped (a gain, at a price): framing, handling and queueing
+  a read's lines in one function instead of three (the framer's, the
+  handler loop's and the output queue's) took 4 to 5% off mpxd's CPU per
+  request at 50 connections in alternating runs (5.08 us against 5.32),
+  and nothing measurable at one connection.  It would bring mpxd level
+  with uvloop, not to the goal, and it copies the framing rules of
+  `mpxd/framing.py` into the core, where a change to one copy would not
+  reach the other.
 """
 
 
