@@ -26,7 +26,7 @@ from .config import Config
 from .framing import LineFramer
 from .logs import log_fast
 from .script import Handlers
-from .session import Session
+from .session import Session, not_a_str
 from .threads import DaemonThreadPool
 from .timers import Timer, TimerHeap
 
@@ -35,6 +35,13 @@ __all__ = ["Core", "current_core"]
 log = logging.getLogger("mpxd")
 
 ERROR_LINE_TOO_LONG = "ERROR line too long"
+
+# What a handler, callback or hook may raise without stopping the daemon.
+# SystemExit too: argparse and click exit on bad input, and a client's bad
+# line must not stop the service for everyone (a handler that means to stop
+# it sends SIGTERM to its own process).  KeyboardInterrupt is left alone: in
+# the daemon SIGINT never raises it, and in a test run it is the user's ^C.
+USER_CODE_ERRORS = (Exception, SystemExit)
 
 _current: Core | None = None
 
@@ -161,9 +168,12 @@ class Core:
             ok = self._call_user(self._handle_open, s, "handle_open", s)
             self._handling = None
             s._batch = None
-            if ok and s.response:
-                batch.append(s.response)
-            s.response = ""
+            response, s.response = s.response, ""
+            if ok and not isinstance(response, str):
+                self._user_code_failed("handle_open", s, TypeError(not_a_str(response)))
+                ok = False
+            if ok and response:
+                batch.append(response)
             if batch:
                 self._queue_batch(s, batch)
             if not ok:
@@ -279,11 +289,15 @@ class Core:
             s.response = ""
             try:
                 handler(s)
-            except Exception as e:  # noqa: BLE001 - a handler bug ends its session only
+            except USER_CODE_ERRORS as e:  # a handler bug ends its session only
                 self._handler_failed(s, line, e)
                 rest = list(remaining)
                 break
             response = s.response
+            if not isinstance(response, str):   # a handler bug, not a daemon's
+                self._handler_failed(s, line, TypeError(not_a_str(response)))
+                rest = list(remaining)
+                break
             if response:
                 batch.append(response)
                 room -= len(response)
@@ -305,7 +319,7 @@ class Core:
         if batch:
             self._queue_batch(s, batch)
 
-    def _handler_failed(self, s: Session, line: str, exc: Exception) -> None:
+    def _handler_failed(self, s: Session, line: str, exc: BaseException) -> None:
         self.errors_total += 1
         log.error("handle_request failed for session %d %s on request %r:\n%s",
                   s.id, format_peer(s.peer), line,
@@ -321,14 +335,18 @@ class Core:
         try:
             fn(*args)
             return True
-        except Exception as e:  # noqa: BLE001 - user code must not stop the loop
-            self.errors_total += 1
-            where = f" for session {s.id} {format_peer(s.peer)}" if s is not None else ""
-            log.error("%s failed%s:\n%s", what, where,
-                      "".join(traceback.format_exception(e)).rstrip())
-            if self.errors is not None:
-                self.errors.append((what, s, e))
+        except USER_CODE_ERRORS as e:  # user code must not stop the loop
+            self._user_code_failed(what, s, e)
             return False
+
+    def _user_code_failed(self, what: str, s: Session | None, exc: BaseException) -> None:
+        """Log and count an error of user code other than ``handle_request``."""
+        self.errors_total += 1
+        where = f" for session {s.id} {format_peer(s.peer)}" if s is not None else ""
+        log.error("%s failed%s:\n%s", what, where,
+                  "".join(traceback.format_exception(exc)).rstrip())
+        if self.errors is not None:
+            self.errors.append((what, s, exc))
 
     # ---------------------------------------------------------- output
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover - imported for type hints only
     from .core import Core
     from .framing import LineFramer
 
-__all__ = ["Session", "send_response", "close_session"]
+__all__ = ["Session", "send_response", "close_session", "not_a_str"]
 
 
 class Session:
@@ -108,12 +108,21 @@ def send_response(s: Session) -> bool:
     Returns ``False`` (and sends nothing) when the session is already gone.
     """
     text = s.response
+    if not isinstance(text, str):
+        raise TypeError(not_a_str(text))
     s.response = ""
     if s.closed:
         return False
     if text:
         s._core.enqueue(s, text)
     return True
+
+
+def not_a_str(response: object) -> str:
+    """What is wrong when a handler leaves ``s.response`` as something other than ``str``."""
+    hint = " (decode bytes first, or build a str)" if isinstance(response, (bytes, bytearray)) else ""
+    return (f"s.response must be a str, not {type(response).__name__}: "
+            f"{response!r:.80}{hint}")
 
 
 def close_session(s: Session) -> None:

@@ -432,6 +432,35 @@ def test_handle_close_once_when_handle_open_fails(daemon, write_script, tmp_path
     assert log.read_text().split() == ["1", "2"]
 
 
+def test_a_wrong_response_type_or_sys_exit_ends_one_session_not_the_daemon(
+        daemon, write_script):
+    # Both used to escape the loop: a TypeError from the output queue, and
+    # SystemExit (argparse exits on bad input), stopping every session.
+    script = write_script("""
+        import sys
+
+        def handle_request(s):
+            if s.request == "number":
+                s.response = 42
+            elif s.request == "exit":
+                sys.exit(3)
+            else:
+                s.response = "ok " + s.request
+    """)
+    d = daemon(script)
+    bystander = d.connect()
+    assert bystander.ask("before") == "ok before"
+    for line, logged in [("number", "TypeError: s.response must be a str, not int: 42"),
+                         ("exit", "SystemExit: 3")]:
+        c = d.connect()
+        c.send_lines("first", line, "never handled")
+        assert c.read_all() == b"ok first\n"
+        d.expect_log(f"on request '{line}':")
+        d.expect_log(logged)
+    assert bystander.ask("after") == "ok after"
+    assert d.stop() == 0
+
+
 # ------------------------------------------------------------ listening
 
 def _has_ipv6_loopback() -> bool:

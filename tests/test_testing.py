@@ -285,6 +285,101 @@ def handle_request(s):
     assert [e[0] for e in h.errors] == ["handle_open"]
 
 
+WRONG_TYPES = """
+import sys
+from mpxd import send_response
+
+
+def handle_request(s):
+    kind, _, value = s.request.partition(" ")
+    if kind == "int":
+        s.response = int(value)
+    elif kind == "bytes":
+        s.response = value.encode()
+    elif kind == "none":
+        s.response = None
+    elif kind == "send-int":
+        s.response = 7
+        try:
+            send_response(s)
+        except TypeError as e:
+            s.response = f"refused: {e}"
+    elif kind == "exit":
+        sys.exit(int(value))
+    else:
+        s.response = f"ok {s.request}"
+"""
+
+
+@pytest.mark.parametrize("line, shown", [
+    ("int 0", "not int: 0"),        # falsy: not silently dropped either
+    ("int 42", "not int: 42"),
+    ("bytes hi", "not bytes: b'hi' (decode bytes first, or build a str)"),
+    ("none", "not NoneType: None"),
+])
+def test_a_response_that_is_not_a_str_is_a_handler_error(harness, line, shown):
+    h = harness(WRONG_TYPES)
+    bad, good = h.connect(), h.connect()
+    assert bad.send(["first", line, "never handled"]) == ["ok first"]
+    assert bad.closed and bad.close_reason == "error"
+    [(where, session, exc)] = h.errors
+    assert where == "handle_request" and session is bad.session
+    assert isinstance(exc, TypeError)
+    assert str(exc) == f"s.response must be a str, {shown}"
+    assert good.send("still here") == ["ok still here"]
+
+
+def test_send_response_refuses_a_response_that_is_not_a_str(harness):
+    h = harness(WRONG_TYPES)
+    c = h.connect()
+    assert c.send("send-int") == ["refused: s.response must be a str, not int: 7"]
+    assert not c.closed and h.errors == []
+
+
+def test_a_greeting_that_is_not_a_str_closes_the_session(harness):
+    h = harness("""
+def handle_open(s):
+    s.response = 220
+
+def handle_request(s):
+    s.response = "unreachable"
+""")
+    c = h.connect()
+    assert c.closed and c.close_reason == "error" and c.new() == []
+    [(where, _session, exc)] = h.errors
+    assert where == "handle_open" and "not int: 220" in str(exc)
+
+
+def test_sys_exit_in_a_handler_ends_its_session_not_the_server(harness):
+    # argparse and click exit on bad input: a client must not stop the daemon.
+    h = harness(WRONG_TYPES)
+    bad, good = h.connect(), h.connect()
+    assert bad.send(["exit 2", "later"]) == []
+    assert bad.closed and bad.close_reason == "error"
+    [(where, _session, exc)] = h.errors
+    assert where == "handle_request" and isinstance(exc, SystemExit) and exc.code == 2
+    assert good.send("still here") == ["ok still here"]
+
+
+def test_sys_exit_in_a_timer_is_logged_and_the_server_carries_on(harness):
+    h = harness("""
+import sys
+import mpxd
+
+def stop():
+    sys.exit(1)
+
+def handle_request(s):
+    mpxd.call_later(1, stop)
+    s.response = "scheduled"
+""")
+    c = h.connect()
+    assert c.send("go") == ["scheduled"]
+    h.advance(1)
+    assert [type(e[2]) for e in h.errors] == [SystemExit]
+    assert c.send("again") == ["scheduled"] and not c.closed
+
+
 def test_peer_reset_drops_output_and_calls_handle_close_once(harness):
     h = harness(LIFECYCLE)
     c = h.connect()
