@@ -377,7 +377,12 @@ class Core:
             text = eol.join(batch)
             if text.count("\n") != len(batch) - 1:   # line breaks inside responses
                 text = eol.join([self._as_lines(r) for r in batch])
-        data = (text + eol).encode("utf-8", "surrogateescape")
+        try:
+            data = (text + eol).encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            data = self._encode_up_to_unencodable(s, batch)
+            if not data:
+                return
         out = s._out
         if out is None:
             s._out = [data]
@@ -385,6 +390,31 @@ class Core:
         else:
             out.append(data)
         s._out_size += len(data)
+
+    def _encode_up_to_unencodable(self, s: Session, batch: list[str]) -> bytes:
+        """The lines of ``batch`` before the first one UTF-8 cannot encode.
+
+        A ``str`` can hold a lone surrogate that no UTF-8 encoder takes (one
+        ``surrogateescape`` did not make: ``json.loads('"\\ud800"')``, say,
+        from a client's input).  That is a bug of the code that made the
+        response, so it goes as an exception in a handler does: logged,
+        the session closed, the responses before it still sent.
+        """
+        eol = self._eol
+        good = []
+        for response in batch:
+            line = self._as_lines(response) if "\n" in response else response
+            try:
+                good.append((line + eol).encode("utf-8", "surrogateescape"))
+            except UnicodeEncodeError as e:
+                self.errors_total += 1
+                log.error("session %d %s: cannot send the response %.80r: %s; "
+                          "closing the session", s.id, format_peer(s.peer), response, e)
+                if self.errors is not None:
+                    self.errors.append(("response", s, e))
+                self.request_close(s, "error")
+                break
+        return b"".join(good)
 
     def _as_lines(self, response: str) -> str:
         """One response with its own line breaks, in this run's end-of-line.

@@ -380,6 +380,28 @@ def handle_request(s):
     assert c.send("again") == ["scheduled"] and not c.closed
 
 
+UNENCODABLE = """
+import json
+
+
+def handle_request(s):
+    # A JSON string escape can make a lone surrogate, which UTF-8 cannot encode.
+    s.response = json.loads(s.request) if s.request.startswith('"') else "ok " + s.request
+"""
+
+
+def test_a_response_utf8_cannot_encode_closes_the_session_after_the_ones_before(harness):
+    h = harness(UNENCODABLE)
+    bad, good = h.connect(), h.connect()
+    # one read: the answers before the bad one still go out, in order
+    assert bad.send(b'a\nb\n"\\ud800 lone"\nc\n') == ["ok a", "ok b"]
+    assert bad.closed and bad.close_reason == "error"
+    [(where, session, exc)] = h.errors
+    assert where == "response" and session is bad.session
+    assert isinstance(exc, UnicodeEncodeError)
+    assert good.send('"fine \\u00e9"') == ["fine \u00e9"]
+
+
 def test_peer_reset_drops_output_and_calls_handle_close_once(harness):
     h = harness(LIFECYCLE)
     c = h.connect()
