@@ -175,7 +175,11 @@ class LineBatching:
             text = "\n".join(self.batch) + "\n"
             self.batch.clear()
             try:
-                stream.write(text)
+                try:
+                    stream.write(text)
+                except UnicodeEncodeError:  # a strict stream: PYTHONIOENCODING=ascii:strict...
+                    encoding = getattr(stream, "encoding", None) or "utf-8"
+                    stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
                 stream.flush()
             except (OSError, ValueError):
                 pass    # stderr gone (a closed pipe): nowhere left to say so
@@ -201,6 +205,18 @@ class JournalFormatter(logging.Formatter):
         if "\n" not in message:
             return prefix + message
         return "\n".join(prefix + line for line in message.splitlines())
+
+
+class EncodableFormatter(logging.Formatter):
+    """Lines UTF-8 can encode: what it cannot (lone surrogates) becomes ``\\udcff``.
+
+    For handlers that encode strictly, as ``SysLogHandler`` does: a
+    client's invalid bytes, surrogate-escaped, can reach a log line through
+    an exception message, and strict encoding would drop the line.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class ReopenableFileHandler(LineBatching, logging.FileHandler):
@@ -282,7 +298,11 @@ def setup_logging(level: str = "info", log_file: str | None = None,
     plain = CachedTimeFormatter(PLAIN_FORMAT)
     reopenable: list[ReopenableFileHandler] = []
     if log_file:
-        file_handler = ReopenableFileHandler(log_file, encoding="utf-8")
+        # backslashreplace, as on stderr: a line can hold text no UTF-8
+        # encoder takes (a client's invalid bytes, surrogate-escaped, in an
+        # exception message); strict would lose it and its whole batch.
+        file_handler = ReopenableFileHandler(log_file, encoding="utf-8",
+                                             errors="backslashreplace")
         file_handler.redirect_stdio = redirect_stdio
         file_handler.setFormatter(plain)
         file_handler.fast_format = plain.fast
@@ -292,7 +312,7 @@ def setup_logging(level: str = "info", log_file: str | None = None,
         address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
         syslog_handler = logging.handlers.SysLogHandler(
             address=address, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
-        syslog_handler.setFormatter(logging.Formatter("mpxd[%(process)d]: %(message)s"))
+        syslog_handler.setFormatter(EncodableFormatter("mpxd[%(process)d]: %(message)s"))
         logger.addHandler(syslog_handler)
     if not log_file and not syslog:
         stderr_handler = BatchingStreamHandler(stream or sys.stderr)

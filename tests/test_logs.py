@@ -18,7 +18,8 @@ import socket
 import pytest
 
 from conftest import HANDLERS, LineClient
-from mpxd.logs import JournalFormatter, setup_logging, stderr_is_journal
+from mpxd.logs import (JournalFormatter, setup_logging, start_batching, stderr_is_journal,
+                       stop_batching)
 
 COUNTER = os.path.join(HANDLERS, "counter.py")
 
@@ -124,6 +125,49 @@ def test_log_file_handler_reopens_after_a_rename(tmp_path):
     assert [line.split()[-1] for line in (tmp_path / "mpxd.log.1").read_text().splitlines()] \
         == ["one", "two"]
     assert path.read_text().split()[-1] == "three"
+
+
+def test_text_utf8_cannot_encode_is_escaped_not_lost(tmp_path):
+    # A client's invalid bytes reach a log line surrogate-escaped, through
+    # an exception message; a strict file lost that line and its batch.
+    path = tmp_path / "mpxd.log"
+    setup_logging("info", log_file=str(path))
+    log = logging.getLogger("mpxd")
+    start_batching()
+    try:
+        log.info("before")
+        log.info("bad \udcff\ud800 bytes")
+        log.info("after")
+    finally:
+        stop_batching()
+    assert [line.split(" INFO ")[1] for line in path.read_text().splitlines()] == \
+        ["before", "bad \\udcff\\ud800 bytes", "after"]
+
+
+def test_a_strict_stderr_gets_escapes_too(monkeypatch):
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="ascii", errors="strict", write_through=True)
+    setup_logging("info", stream=stream)
+    log = logging.getLogger("mpxd")
+    start_batching()
+    try:
+        log.info("caf\u00e9 \udcff")
+        log.info("after")
+    finally:
+        stop_batching()
+    assert [line.split(" INFO ")[1] for line in raw.getvalue().decode().splitlines()] == \
+        ["caf\\xe9 \\udcff", "after"]
+
+
+def test_syslog_lines_are_encodable_whatever_they_hold(monkeypatch):
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    setup_logging("info", syslog=True)
+    [handler] = logging.getLogger("mpxd").handlers
+    record = logging.LogRecord("mpxd", logging.ERROR, "x", 1, "bad %s", ("\udcff",), None)
+    line = handler.format(record)
+    assert line.endswith("bad \\udcff")
+    line.encode("utf-8")                # what SysLogHandler does, strictly
 
 
 def test_an_unopenable_log_file_raises_oserror(tmp_path):
