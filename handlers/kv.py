@@ -23,6 +23,7 @@ process: with ``--workers`` each worker has its own store).  ``on_reload``
 takes the data over when the script is reloaded with SIGHUP.
 """
 
+import math
 import time
 
 from mpxd import call_later
@@ -74,6 +75,8 @@ def _expire(key, seconds):
     try:
         delay = float(seconds)
     except ValueError:
+        return "ERROR seconds must be a number"
+    if not math.isfinite(delay):        # "inf", "nan": float() takes them
         return "ERROR seconds must be a number"
     if key not in store:
         return "0"

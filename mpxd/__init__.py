@@ -59,7 +59,8 @@ def call_later(delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
     """Run ``fn(*args)`` once on the loop thread after ``delay`` seconds.
 
     Returns a ``Timer``; ``timer.cancel()`` stops it (harmless once it ran).
-    A negative delay counts as 0.  The loop's poll timeout comes from the
+    A negative delay counts as 0, ``math.inf`` never comes, ``nan`` is a
+    ``ValueError``.  The loop's poll timeout comes from the
     nearest timer, so nothing polls; a timer is never early.
     """
     return _core().call_later(delay, fn, *args)

@@ -467,6 +467,8 @@ class Core:
     # --------------------------------------------------------- timers
 
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
+        if delay != delay:          # nan: due never and always; the heap cannot order it
+            raise ValueError("call_later needs a delay in seconds, not nan")
         return self.timers.add(self.now + max(0.0, delay), fn, args)
 
     def call_every(self, interval: float, fn: Callable[..., Any], *args: Any) -> Timer:
@@ -489,6 +491,8 @@ class Core:
 
     def set_idle_timeout(self, s: Session, seconds: float | None) -> None:
         """Close ``s`` after ``seconds`` without input (``None``: never)."""
+        if seconds is not None and seconds != seconds:
+            raise ValueError("set_idle_timeout needs seconds or None, not nan")
         if s._idle_timer is not None:
             s._idle_timer.cancel()
             s._idle_timer = None

@@ -60,6 +60,10 @@ ACCEPT_BATCH = 128
 # CPU cost within the benchmark's noise (0 to 2%).
 WRITE_EVERY = 16
 ACCEPT_BACKOFF = 0.1            # seconds without accepting after EMFILE
+# The longest poll wait: a far timer (call_later(1e300, ...), EXPIRE 1e300
+# in handlers/kv.py) would overflow poll's timeout; waking once an hour
+# to find nothing due costs nothing.
+MAX_WAIT = 3600.0
 STATUS_INTERVAL = 5.0           # seconds between systemd STATUS= updates
 LINGER_TIMEOUT = 2.0            # seconds a closed session waits for the peer's EOF
 
@@ -181,7 +185,7 @@ class Loop:
             elif deadline is None:
                 timeout = None
             else:
-                timeout = max(0.0, deadline - clock())
+                timeout = min(max(0.0, deadline - clock()), MAX_WAIT)
             events = wait(timeout)
             core.now = clock()
             reads = 0

@@ -183,6 +183,8 @@ def test_kv_expire_zero_deletes_and_bad_input_is_refused(kv):
     assert c.send("GET a") == ["(nil)"]
     assert c.send("EXPIRE a 5") == ["0"]
     assert c.send("EXPIRE a soon") == ["ERROR seconds must be a number"]
+    assert c.send("EXPIRE a inf") == ["ERROR seconds must be a number"]
+    assert c.send("EXPIRE a nan") == ["ERROR seconds must be a number"]
     assert c.send("GET") == ["ERROR wrong number of arguments for 'GET'"]
     assert c.send("") == []
 

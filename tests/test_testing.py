@@ -567,6 +567,18 @@ def handle_request(s):
     assert c.closed and c.close_reason == "timeout"
 
 
+def test_set_idle_timeout_refuses_nan(harness):
+    h = harness("""
+def handle_request(s):
+    s.set_idle_timeout(float(s.request))
+    s.response = "set"
+""")
+    c = h.connect()
+    assert c.send("nan") == []
+    assert c.closed and c.close_reason == "error"
+    assert "not nan" in str(h.errors[0][2])
+
+
 # --------------------------------------------------------------- threads
 
 

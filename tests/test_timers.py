@@ -252,6 +252,27 @@ def test_a_failing_timer_is_logged_and_the_loop_carries_on(daemon, write_script)
     assert other.ask("ping") == "pong"
 
 
+def test_a_timer_far_away_or_at_infinity_does_not_stop_the_loop(daemon, write_script):
+    # The poll timeout came straight from the nearest timer: 1e300 seconds
+    # overflowed it and stopped the daemon (EXPIRE k 1e300 in handlers/kv.py).
+    d = daemon(write_script(TIMER_SCRIPT))
+    c = d.connect()
+    assert c.ask("later 1e300 never") == "scheduled"
+    assert c.ask("later inf never") == "scheduled"
+    c.send_lines("later 0.1 soon")
+    assert c.readlines(2) == ["scheduled", "soon"]
+    assert c.ask("ping") == "pong"
+
+
+def test_call_later_refuses_nan_in_the_handler_that_asked(daemon, write_script):
+    d = daemon(write_script(TIMER_SCRIPT))
+    c = d.connect()
+    c.send_lines("later nan x")
+    assert c.read_all() == b""
+    d.expect_log("ValueError: call_later needs a delay in seconds, not nan")
+    assert d.connect().ask("ping") == "pong"
+
+
 def test_a_cancelled_call_later_never_runs(daemon, write_script):
     d = daemon(write_script(TIMER_SCRIPT))
     c = d.connect()
