@@ -8,6 +8,7 @@ stderr, never a traceback.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from typing import Any
@@ -38,8 +39,8 @@ class StartupError(Exception):
 
 
 def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    if value is not None and value < 0:
-        raise click.BadParameter("must be 0 or more seconds")
+    if value is not None and not 0 <= value < math.inf:    # nan fails too
+        raise click.BadParameter(f"must be 0 or more seconds, and finite (not {value})")
     return value or None if param.name == "idle_timeout" else value
 
 

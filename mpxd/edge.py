@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import grp
 import logging
+import math
 import os
 import pwd
 import socket
@@ -69,8 +70,15 @@ def _octal(ctx: click.Context, param: click.Parameter, value: str) -> int:
 
 
 def _positive(ctx: click.Context, param: click.Parameter, value: float) -> float:
-    if not value > 0:
-        raise click.BadParameter("must be more than 0 seconds")
+    if not 0 < value < math.inf:        # nan fails too
+        raise click.BadParameter(f"must be more than 0 seconds, and finite (not {value})")
+    return value
+
+
+def _rate(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not 0 <= value < math.inf:       # nan fails too
+        raise click.BadParameter(f"must be 0 (no limit) or more lines per second, "
+                                 f"and finite (not {value})")
     return value
 
 
@@ -103,7 +111,7 @@ _OPTIONS = [
     click.option("--max-per-ip", type=click.IntRange(0), default=0, metavar="N",
                  help="Open connections per client address at most; more are "
                       "refused. Default 0: no limit."),
-    click.option("--max-rate", type=click.FloatRange(0), default=0.0,
+    click.option("--max-rate", type=float, default=0.0, callback=_rate,
                  metavar="LINES_PER_SECOND",
                  help="Request lines per second per session; beyond it input is "
                       "read more slowly, never dropped. Default 0: no limit."),

@@ -203,9 +203,15 @@ def test_a_broken_script_stops_start_up_with_exit_1(write_script):
 @pytest.mark.parametrize("args", [
     ["--port", "70000"], ["--port", "http"], ["--eol", "cr"], ["--poller", "kqueue"],
     ["--max-line", "0"], ["--idle-timeout", "-1"], ["--no-such-option"],
+    ["--idle-timeout", "nan"], ["--idle-timeout", "inf"], ["--drain-timeout", "nan"],
+    ["--drain-timeout", "inf"], ["--max-rate", "nan"], ["--max-rate", "inf"],
+    ["--max-rate", "-1"], ["--tls-handshake-timeout", "inf"],
 ])
 def test_a_bad_option_value_is_a_usage_error(args):
-    result = run_cli(*args, COUNTER)
+    # --check: with good values this exits 0 (no --port needed, no server
+    # started), so only the value under test can make it a usage error.
+    assert run_cli("--check", COUNTER).exit_code == 0
+    result = run_cli(*args, "--check", COUNTER)
     assert result.exit_code == 2, result.output
     assert "Usage:" in result.output or "Error" in result.output
 
