@@ -28,14 +28,20 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _bind_one(host: str, port: int, backlog: int, reuse_port: bool = False,
-              listen: bool = True) -> socket.socket:
+def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, int, tuple]:
+    """``(family, proto, sockaddr)`` to bind for ``host``: its first address."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise ListenError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     family, _type, proto, _name, address = infos[0]
+    return family, proto, address
+
+
+def _bind_one(host: str, port: int, backlog: int, reuse_port: bool = False,
+              listen: bool = True) -> socket.socket:
+    family, proto, address = _resolve(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -68,15 +74,23 @@ def bind_listeners(hosts: tuple[str, ...], port: int, backlog: int,
     is skipped when the kernel has no IPv6 loopback.  A host the user named
     explicitly must work, or start-up fails.
 
+    A host that resolves to an address already listened on is skipped
+    (``--host 127.0.0.1`` given twice, or a name for the same address).
+
     ``reuse_port`` sets ``SO_REUSEPORT`` (``--workers``); ``listen=False``
     only binds: the supervisor holds the port that way without ever being
     handed a connection.
     """
     sockets: list[socket.socket] = []
     optional = tuple(hosts) == DEFAULT_HOSTS
+    bound: set[tuple] = set()           # (family, address) already listened on
     try:
         for host in hosts:
             try:
+                family, _proto, address = _resolve(host, port)
+                if (family, address[0]) in bound:
+                    continue            # --host 127.0.0.1 twice, or a name for it
+                bound.add((family, address[0]))
                 sock = _bind_one(host, port, backlog, reuse_port, listen)
             except ListenError:
                 if optional and host == "::1" and not socket.has_ipv6:

@@ -472,6 +472,17 @@ def _has_ipv6_loopback() -> bool:
         return False
 
 
+def test_the_same_host_twice_listens_once(daemon):
+    # It used to fail with "address already in use (is another mpxd ...?)":
+    # the second bind met the first socket of the same daemon.
+    d = daemon(COUNTER, "--host", "127.0.0.1", "--host", "localhost")
+    c = d.connect()
+    assert c.ask("5") == "5"
+    c.close()
+    assert d.stop() == 0
+    assert b"listening on 127.0.0.1" not in d.child.before
+
+
 @pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
 def test_ipv6_listening_line_and_service(daemon):
     d = daemon(COUNTER, "--host", "::1")
