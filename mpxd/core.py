@@ -318,6 +318,12 @@ class Core:
         self.requests_total += handled
         if batch:
             self._queue_batch(s, batch)
+        if room < 0 and not s._paused and not s.closed:
+            # The last line took the output past the mark: read no more
+            # until it drains, or a client sending one line per read and
+            # never reading would make mpxd queue without bound.
+            s._paused = True
+            self.dirty.append(s)
 
     def _handler_failed(self, s: Session, line: str, exc: BaseException) -> None:
         self.errors_total += 1

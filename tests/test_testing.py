@@ -772,6 +772,23 @@ def test_a_client_that_does_not_read_pauses_its_input_until_it_drains(harness):
     assert not c.session._paused
 
 
+def test_one_line_per_read_past_the_high_water_mark_pauses_input_too(harness):
+    # The mark was checked only before the next line of the same read: a
+    # client sending one line per packet and reading nothing was never
+    # paused, and its unsent output grew without bound.
+    h = harness(BIG, high_water=100, low_water=25)
+    c = h.connect()
+    c.pause_reading()
+    for _ in range(3):
+        c.send("a" * 5)                   # 51 bytes of answer each
+    assert c.session._paused and c.session._requests == 2   # 102 bytes > 100
+    assert c.session._out_size == 102
+    c.send("b")                           # waits in the "kernel" meanwhile
+    assert c.session._requests == 2
+    assert c.resume_reading() == ["a" * 50] * 3 + ["b" * 10]
+    assert not c.session._paused
+
+
 def test_output_past_max_output_closes_the_session(harness):
     h = harness("""
 from mpxd import call_every, send_response
