@@ -39,11 +39,31 @@ def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, int, tuple]:
     return family, proto, address
 
 
+def _probe_port(family: socket.AddressFamily, proto: int, address: tuple) -> None:
+    """Raise ``OSError`` (EADDRINUSE) when a server already listens on ``address``.
+
+    ``SO_REUSEPORT`` lets every socket of the same user share a port: a
+    second ``mpxd --workers`` on a taken port would start beside the first
+    and take half its clients.  A socket without it is refused by a
+    listening socket, whoever's; it is closed again before the real bind.
+    """
+    probe = socket.socket(family, socket.SOCK_STREAM, proto)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # TIME_WAIT is no server
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind(address)
+    finally:
+        probe.close()
+
+
 def _bind_one(host: str, port: int, backlog: int, reuse_port: bool = False,
-              listen: bool = True) -> socket.socket:
+              listen: bool = True, refuse_taken: bool = False) -> socket.socket:
     family, proto, address = _resolve(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM, proto)
     try:
+        if refuse_taken:
+            _probe_port(family, proto, address)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             # --workers: each worker listens on its own socket bound to the
@@ -67,7 +87,8 @@ def _bind_one(host: str, port: int, backlog: int, reuse_port: bool = False,
 
 
 def bind_listeners(hosts: tuple[str, ...], port: int, backlog: int,
-                   reuse_port: bool = False, listen: bool = True) -> list[socket.socket]:
+                   reuse_port: bool = False, listen: bool = True,
+                   refuse_taken: bool = False) -> list[socket.socket]:
     """Listen on ``port`` at every host; port 0 picks one free port for all.
 
     The default pair 127.0.0.1 and ::1 tolerates a machine without IPv6: ::1
@@ -79,7 +100,9 @@ def bind_listeners(hosts: tuple[str, ...], port: int, backlog: int,
 
     ``reuse_port`` sets ``SO_REUSEPORT`` (``--workers``); ``listen=False``
     only binds: the supervisor holds the port that way without ever being
-    handed a connection.
+    handed a connection.  ``refuse_taken`` (the supervisor's bind) fails
+    when a server already listens there, which ``SO_REUSEPORT`` alone would
+    let it share (see ``_probe_port``).
     """
     sockets: list[socket.socket] = []
     optional = tuple(hosts) == DEFAULT_HOSTS
@@ -91,7 +114,7 @@ def bind_listeners(hosts: tuple[str, ...], port: int, backlog: int,
                 if (family, address[0]) in bound:
                     continue            # --host 127.0.0.1 twice, or a name for it
                 bound.add((family, address[0]))
-                sock = _bind_one(host, port, backlog, reuse_port, listen)
+                sock = _bind_one(host, port, backlog, reuse_port, listen, refuse_taken)
             except ListenError:
                 if optional and host == "::1" and not socket.has_ipv6:
                     continue

@@ -121,7 +121,7 @@ def supervise(config: Config, inherited: list[socket.socket], count: int) -> int
         if pidfile is not None:
             pidfile.acquire()
         held = inherited or bind_listeners(config.hosts, config.port or 0, config.backlog,
-                                           reuse_port=True, listen=False)
+                                           reuse_port=True, listen=False, refuse_taken=True)
     except (PidFileError, ListenError) as e:
         if pidfile is not None:
             pidfile.release()

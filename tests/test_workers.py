@@ -220,6 +220,19 @@ def test_a_taken_port_fails_start_up_with_exit_1(daemon, pid_script):
     assert "address already in use" in result.stderr
 
 
+def test_a_second_workers_instance_on_the_same_port_fails_with_exit_1(daemon, pid_script):
+    # SO_REUSEPORT let it start beside the first and take half its clients.
+    d = daemon(pid_script, "--workers", "2")
+    first = set(_answers(d, 2))
+    result = subprocess.run(
+        MPXD + ["--workers", "2", "--port", str(d.port), "--host", "127.0.0.1",
+                pid_script], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "address already in use" in result.stderr
+    assert "listening on" not in result.stderr
+    assert set(_answers(d, 5, tries=40)) <= first   # every client still reaches the first
+
+
 def test_unix_sockets_are_refused_with_workers(pid_script, tmp_path):
     result = subprocess.run(
         MPXD + ["--workers", "2", "--port", "0", "--unix", str(tmp_path / "s"), pid_script],
