@@ -861,9 +861,9 @@ How steady the figures are: four full runs on a quiet machine (2026-11-30,
 load average under 1.2, with small changes to mpxd between them) gave CPU
 ratios against the best peer of 1.03 to 1.07 for (a), 1.02 to 1.04 for (b),
 1.05 to 1.10 for (c) and 1.04 to 1.08 for (d); mpxd's own CPU per request
-moved by under 2%, uvloop's by up to 3%. Five full runs after the small
-first read went in (`FIRST_READ`, 2026-11-30 evening, the last three with
-the warm-up) gave 1.02 to 1.05 for (a), 1.02 to 1.04 for (b), 1.07 to 1.08
+moved by under 2%, uvloop's by up to 3%. Six full runs after the small
+first read went in (`FIRST_READ`, 2026-11-30 evening, the last four with
+the warm-up) gave 1.02 to 1.05 for (a), 1.02 to 1.04 for (b), 1.06 to 1.08
 for (c) and 1.05 to 1.06 for (d). Runs taken while other work shared the machine
 (2026-11-25) gave 0.75 to 1.05: a busy machine costs uvloop more than mpxd
 (its batches per wake-up get smaller), so compare runs taken together, and
@@ -888,7 +888,7 @@ changing the hot path):
   delivering the bytes to the client's socket and waking it), and a share of
   one `epoll_wait`. The system-time table shows that kernel part: mpxd's is
   the lowest of the Python servers, level with the C yardstick's (2.9 to 3.0
-  us against 3.2 to 3.5 for uvloop and the floor, over five runs), because
+  us against 3.2 to 3.5 for uvloop and the floor, over six runs), because
   it writes its answers in bursts (see p99 below) and a burst wakes the
   client once. The rest is user time, where mpxd spends about 2.4 us per
   request against 1.6 to 2.0 for uvloop and 1.5 to 1.6 for the floor; the
@@ -907,15 +907,15 @@ changing the hot path):
   the wait is already shared by a whole pass.
 * Light load (the first rows of the connections table): with one
   connection every request is a loop pass of its own, begun by a wake-up,
-  and mpxd needs about 1.1 times uvloop's CPU per request (11.9 us against
-  10.7 to 10.9 over two runs): its pass runs more Python than uvloop's C
+  and mpxd needs 1.09 to 1.14 times uvloop's CPU per request (11.9 to 12.9
+  us against 10.7 to 11.3 over three runs): its pass runs more Python than uvloop's C
   loop (the timer check, the write-out of the sessions with output, the
   log batch check), and after each wake-up that code runs from cold
   caches.  At two connections the burst writes already pay: mpxd needed
-  0.95 of uvloop's CPU per request, answered 1.16 times as many requests,
-  with a p50 of 13 us against 18 (three alternating runs by hand: CPU
-  0.92 to 1.02, req/s 1.09 to 1.27).  From ten connections on, the ratios
-  are those of the 50-connection workloads.
+  0.93 to 0.95 of uvloop's CPU per request, answered 1.16 to 1.20 times as
+  many requests, with a p50 of 13 to 14 us against 18 (two runs; three
+  alternating runs by hand: CPU 0.92 to 1.02, req/s 1.09 to 1.27).  From
+  ten connections on, the ratios are those of the 50-connection workloads.
 * Reads: the first read of a readable connection asks for 479 bytes
   (`FIRST_READ` in `mpxd/loop.py`), the most CPython serves from its own
   small-object allocator; a 64 KiB read costs a `malloc` and a shrinking
