@@ -12,6 +12,7 @@ cause in one line; the CLI prints it and exits 1.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 import sys
@@ -54,7 +55,25 @@ def _optional(module: types.ModuleType, path: str, name: str) -> Callable | None
     if value is not None and not callable(value):
         raise ScriptError(f"{path}: {name} is defined but not callable "
                           f"(it is {_kind(value)})")
+    if value is not None:
+        _refuse_deferred(path, name, value)
     return value
+
+
+def _refuse_deferred(path: str, name: str, fn: Callable) -> None:
+    """Refuse ``async def`` and generator functions, which would never run.
+
+    mpxd calls a handler and reads ``s.response`` when it returns; calling
+    either kind only makes a coroutine or generator object, so the code
+    inside would silently never run (asyncio users write ``async def``).
+    """
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise ScriptError(f"{path}: {name} is an async def; mpxd calls handlers "
+                          f"directly and never awaits them: write a plain def "
+                          f"(mpxd.run_in_thread runs blocking work)")
+    if inspect.isgeneratorfunction(fn):
+        raise ScriptError(f"{path}: {name} is a generator function (it contains "
+                          f"yield) and would never run: write a plain def")
 
 
 def _describe_exception(path: str, exc: BaseException) -> str:
@@ -119,6 +138,7 @@ def load_script(path: str) -> Handlers:
         raise ScriptError(f"{path}: handle_request is not callable "
                           f"(it is {_kind(handle_request)})")
     try:
+        _refuse_deferred(path, "handle_request", handle_request)
         return Handlers(
             path=path,
             module=module,

@@ -122,6 +122,21 @@ def test_a_handler_that_is_not_callable(write_script, name):
     assert name in message and "not callable (it is an int)" in message
 
 
+@pytest.mark.parametrize("name", ["handle_request", "handle_close", "handle_open",
+                                  "on_start", "on_stop", "on_reload"])
+@pytest.mark.parametrize("kind, body, said", [
+    ("async def", "    pass", "is an async def"),
+    ("async def", "    yield", "is an async def"),
+    ("def", "    yield", "is a generator function"),
+])
+def test_a_handler_that_would_never_run_is_refused(write_script, name, kind, body, said):
+    # Calling one only makes a coroutine or generator: the code inside
+    # never ran, and nothing said so (asyncio users write async def).
+    source = "def handle_request(s): pass\n" if name != "handle_request" else ""
+    message = load_error(write_script(source + f"{kind} {name}(x):\n{body}\n"))
+    assert f"{name} {said}" in message and "plain def" in message
+
+
 def test_sys_exit_at_import(write_script):
     message = load_error(write_script("import sys\nsys.exit(3)\n"
                                       "def handle_request(s): pass\n"))
