@@ -62,6 +62,16 @@ def format_peer(peer: Any) -> str:
     return str(peer)
 
 
+SHOWN_REQUEST = 200     # characters of a request quoted in a log line
+
+
+def shown_request(line: str) -> str:
+    """``line`` quoted for a log line; a long one cut, so a client cannot flood the log."""
+    if len(line) <= SHOWN_REQUEST:
+        return repr(line)
+    return f"{line[:SHOWN_REQUEST]!r}... ({len(line)} characters)"
+
+
 class Core:
     """Everything between the bytes an edge reads and the bytes it writes."""
 
@@ -327,8 +337,8 @@ class Core:
 
     def _handler_failed(self, s: Session, line: str, exc: BaseException) -> None:
         self.errors_total += 1
-        log.error("handle_request failed for session %d %s on request %r:\n%s",
-                  s.id, format_peer(s.peer), line,
+        log.error("handle_request failed for session %d %s on request %s:\n%s",
+                  s.id, format_peer(s.peer), shown_request(line),
                   "".join(traceback.format_exception(exc)).rstrip())
         if self.errors is not None:
             self.errors.append(("handle_request", s, exc))

@@ -264,6 +264,21 @@ def test_handler_exceptions_are_logged_with_peer_request_and_traceback(harness, 
     assert messages[1].startswith(f"session {c.session.id} 203.0.113.5:4242 closed: error,")
 
 
+def test_a_long_request_is_cut_in_the_error_log_line(harness, caplog):
+    # A client sending 64 KiB lines that make the handler fail must not be
+    # able to write 64 KiB log lines.
+    h = harness("""
+def handle_request(s):
+    raise ValueError("no")
+""")
+    c = h.connect()
+    with caplog.at_level(logging.ERROR, logger="mpxd"):
+        c.send("x" * 10_000)
+    [message] = [r.getMessage() for r in caplog.records if r.name == "mpxd"]
+    assert f"on request {'x' * 200!r}... (10000 characters):" in message
+    assert len(message) < 1000
+
+
 def test_output_sent_before_an_exception_is_still_written(harness):
     h = harness(LIFECYCLE)
     c = h.connect()
