@@ -61,8 +61,9 @@ ACCEPT_BATCH = 128
 WRITE_EVERY = 16
 ACCEPT_BACKOFF = 0.1            # seconds without accepting after EMFILE
 # The longest poll wait: a far timer (call_later(1e300, ...), EXPIRE 1e300
-# in handlers/kv.py) would overflow poll's timeout; waking once an hour
-# to find nothing due costs nothing.
+# in handlers/kv.py, --drain-timeout 1e300 in the --workers supervisor)
+# would overflow poll's timeout; waking once an hour to find nothing due
+# costs nothing.
 MAX_WAIT = 3600.0
 STATUS_INTERVAL = 5.0           # seconds between systemd STATUS= updates
 LINGER_TIMEOUT = 2.0            # seconds a closed session waits for the peer's EOF

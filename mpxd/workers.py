@@ -59,7 +59,7 @@ from .daemonize import Detached, detach, start_failed
 from .edge import Edge
 from .listeners import ListenError, bind_listeners, describe
 from .logs import reopen_log_files, setup_logging
-from .loop import Loop
+from .loop import MAX_WAIT, Loop
 from .pidfile import PidFile, PidFileError
 from .privileges import PrivilegeError, drop_privileges
 from .script import ScriptError, load_script
@@ -188,7 +188,8 @@ class Supervisor:
 
     def _wait(self) -> None:
         deadline = self.timers.next_deadline()
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        timeout = None if deadline is None else \
+            min(max(0.0, deadline - time.monotonic()), MAX_WAIT)   # see MAX_WAIT
         events = self.poller.poll(None if timeout is None else timeout * 1000.0)
         for fd, _mask in events:
             if fd == self.wakeup.fileno():

@@ -233,6 +233,18 @@ def test_a_second_workers_instance_on_the_same_port_fails_with_exit_1(daemon, pi
     assert set(_answers(d, 5, tries=40)) <= first   # every client still reaches the first
 
 
+def test_a_huge_drain_timeout_waits_for_the_sessions_and_exits_0(daemon, pid_script):
+    # The supervisor's poll timeout came straight from its kill deadline:
+    # --drain-timeout 1e300 overflowed it at the first TERM.
+    d = daemon(pid_script, "--workers", "2", "--drain-timeout", "1e300")
+    c = d.connect()
+    assert c.ask("x").endswith(" 1")            # "PID VERSION 1": served
+    d.signal(signal.SIGTERM)
+    d.expect_log("shutting down")
+    c.close()
+    assert d.stop() == 0
+
+
 def test_unix_sockets_are_refused_with_workers(pid_script, tmp_path):
     result = subprocess.run(
         MPXD + ["--workers", "2", "--port", "0", "--unix", str(tmp_path / "s"), pid_script],
