@@ -164,7 +164,7 @@ class Loop:
             stop_batching()
             self.running = False
             core.stop()
-            self._wakeup.close()
+            self._wakeup.close_for_exit()
             poller.close()
 
     def _serve(self) -> None:

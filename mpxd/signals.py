@@ -81,3 +81,18 @@ class Wakeup:
         self.uninstall()
         self._reader.close()
         self._writer.close()
+
+    def close_for_exit(self) -> None:
+        """Close, and ignore TERM, INT, HUP and USR1 from now on: the process is ending.
+
+        Restoring their default action would let a signal sent after the
+        loop stopped (an operator's second TERM, systemd's) kill the last
+        steps of a clean exit (removing the pidfile and sockets, the last
+        log lines) and turn exit status 0 into "killed by SIGTERM".
+        """
+        for signum in [n for n in self._previous if n in HANDLED_SIGNALS]:
+            # Straight from our handler to SIG_IGN: restoring the default
+            # first, even for microseconds, is the window this closes.
+            signal.signal(signum, signal.SIG_IGN)
+            del self._previous[signum]
+        self.close()                    # the rest (SIGCHLD), the wakeup fd, the sockets

@@ -182,7 +182,7 @@ class Supervisor:
             while not (self.stopping and self._alive() == 0):
                 self._wait()
         finally:
-            self.wakeup.close()
+            self.wakeup.close_for_exit()
             self.notifier.close()
         return 1 if self.unclean else 0
 
