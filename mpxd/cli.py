@@ -54,9 +54,9 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) ->
 @click.option("--host", "hosts", multiple=True, metavar="ADDRESS",
               help="Address to listen on; repeatable. Default: 127.0.0.1 and ::1. "
                    "Use 0.0.0.0 and :: for all interfaces.")
-@click.option("--eol", type=click.Choice(sorted(EOLS)), default="lf", show_default=True,
+@click.option("--eol", type=click.Choice(sorted(EOLS), case_sensitive=False), default="lf", show_default=True,
               help="End-of-line written after each response.")
-@click.option("--poller", type=click.Choice(["epoll", "poll"]), default="epoll",
+@click.option("--poller", type=click.Choice(["epoll", "poll"], case_sensitive=False), default="epoll",
               show_default=True, help="Readiness mechanism (epoll falls back to "
                                       "poll where the system has none).")
 @click.option("--max-line", type=click.IntRange(1), default=65536, show_default=True,
@@ -87,7 +87,7 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) ->
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None,
               help="Log to this file instead of stderr; SIGUSR1 reopens it.")
 @click.option("--syslog", is_flag=True, help="Log to syslog (facility daemon).")
-@click.option("--log-level", type=click.Choice(LEVELS), default="info",
+@click.option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info",
               show_default=True, help="Least severe level logged.")
 @click.option("--session-log/--no-session-log", default=True, show_default=True,
               help="Log one INFO line per closed session (peer, duration, requests, "

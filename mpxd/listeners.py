@@ -29,7 +29,12 @@ def _family(host: str) -> socket.AddressFamily:
 
 
 def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, int, tuple]:
-    """``(family, proto, sockaddr)`` to bind for ``host``: its first address."""
+    """``(family, proto, sockaddr)`` to bind for ``host``: its first address.
+
+    ``[::1]``, the bracketed form URLs use, is taken for ``::1``.
+    """
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)

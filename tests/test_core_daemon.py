@@ -484,8 +484,9 @@ def test_the_same_host_twice_listens_once(daemon):
 
 
 @pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
-def test_ipv6_listening_line_and_service(daemon):
-    d = daemon(COUNTER, "--host", "::1")
+@pytest.mark.parametrize("host", ["::1", "[::1]"])     # the form URLs use, too
+def test_ipv6_listening_line_and_service(daemon, host):
+    d = daemon(COUNTER, "--host", host)
     match = d.expect_log(rb"listening on \[::1\]:(\d+)")
     assert int(match.group(1)) == d.port, "both addresses share the picked port"
     with socket.create_connection(("::1", d.port), timeout=5) as sock:

@@ -231,6 +231,12 @@ def test_a_bad_option_value_is_a_usage_error(args):
     assert "Usage:" in result.output or "Error" in result.output
 
 
+def test_choices_are_taken_in_any_case():
+    result = run_cli("--eol", "CRLF", "--log-level", "DEBUG", "--poller", "Epoll",
+                     "--check", COUNTER)
+    assert result.exit_code == 0, result.output
+
+
 def test_no_port_is_a_usage_error(monkeypatch):
     monkeypatch.delenv("LISTEN_FDS", raising=False)
     monkeypatch.delenv("MPXD_PORT", raising=False)
