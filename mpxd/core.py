@@ -49,8 +49,9 @@ _current: Core | None = None
 def current_core() -> Core:
     """The core whose handler code is running (for ``mpxd.call_later`` & co)."""
     if _current is None:
-        raise RuntimeError("no mpxd server is running in this process "
-                           "(call this from handler code)")
+        raise RuntimeError("no mpxd server is running in this process yet: call "
+                           "this from a handler, or at start-up from "
+                           "on_start(server), not at import")
     return _current
 
 

@@ -137,6 +137,12 @@ def test_a_handler_that_would_never_run_is_refused(write_script, name, kind, bod
     assert f"{name} {said}" in message and "plain def" in message
 
 
+def test_a_timer_started_at_import_is_refused_with_where_to_start_it(write_script):
+    message = load_error(write_script("import mpxd\nmpxd.call_every(1, print)\n"
+                                      "def handle_request(s): pass\n"))
+    assert "line 2" in message and "on_start(server)" in message
+
+
 def test_sys_exit_at_import(write_script):
     message = load_error(write_script("import sys\nsys.exit(3)\n"
                                       "def handle_request(s): pass\n"))
