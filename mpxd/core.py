@@ -17,6 +17,7 @@ daemon does.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 from collections import deque
@@ -91,6 +92,7 @@ class Core:
         self._handling: Session | None = None   # whose handler runs (for run_in_thread)
         self._executor: DaemonThreadPool | None = None
         self._next_id = 1
+        self._loop_thread = threading.get_ident()     # start() sets it again
         self._eol = config.eol
         self._eol_bytes = config.eol.encode()
         self._high_water = config.high_water
@@ -122,6 +124,7 @@ class Core:
         """
         global _current
         _current = self
+        self._loop_thread = threading.get_ident()
         if self.handlers.on_start is None:
             return True
         return self._call_user(self.handlers.on_start, None, "on_start", self)
@@ -481,14 +484,28 @@ class Core:
         for s in list(self.sessions_by_id.values()):
             self.request_close(s, "shutdown")
 
+    def check_thread(self, what: str) -> None:
+        """Refuse a call from another thread than the loop's.
+
+        Sessions, output queues and timers belong to the loop's thread;
+        from another one a call races it, and its effect waits unseen until
+        the loop next wakes up.  A thread hands work over with
+        ``call_soon_threadsafe``.
+        """
+        if threading.get_ident() != self._loop_thread:
+            raise RuntimeError(f"{what} called from a thread that is not mpxd's "
+                               f"loop: hand the work over with call_soon_threadsafe")
+
     # --------------------------------------------------------- timers
 
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
+        self.check_thread("call_later")
         if delay != delay:          # nan: due never and always; the heap cannot order it
             raise ValueError("call_later needs a delay in seconds, not nan")
         return self.timers.add(self.now + max(0.0, delay), fn, args)
 
     def call_every(self, interval: float, fn: Callable[..., Any], *args: Any) -> Timer:
+        self.check_thread("call_every")
         if not interval > 0:
             raise ValueError(f"call_every needs an interval above 0, not {interval!r}")
         return self.timers.add(self.now + interval, fn, args, interval)

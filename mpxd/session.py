@@ -106,7 +106,9 @@ def send_response(s: Session) -> bool:
     Callable at any time from the loop's thread: from this session's handler,
     from another session's handler (broadcast), from a timer.  Never blocks.
     Returns ``False`` (and sends nothing) when the session is already gone.
+    ``RuntimeError`` from another thread (see ``call_soon_threadsafe``).
     """
+    s._core.check_thread("send_response")
     text = s.response
     if not isinstance(text, str):
         raise TypeError(not_a_str(text))
@@ -129,6 +131,7 @@ def close_session(s: Session) -> None:
     """Stop processing input of ``s``; write what is queued, then close it.
 
     Lines already received but not yet handled are dropped.  ``handle_close``
-    runs once the connection is closed.
+    runs once the connection is closed.  ``RuntimeError`` from another thread.
     """
+    s._core.check_thread("close_session")
     s._core.request_close(s, "close_session")

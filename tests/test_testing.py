@@ -417,6 +417,35 @@ def test_a_response_utf8_cannot_encode_closes_the_session_after_the_ones_before(
     assert good.send('"fine \\u00e9"') == ["fine \u00e9"]
 
 
+def test_the_handler_api_refuses_calls_from_other_threads(harness):
+    # From a thread, send_response used to queue the answer unseen until
+    # the loop next woke up, racing it meanwhile.
+    h = harness("""
+import threading
+import mpxd
+
+refusals = []
+
+def handle_request(s):
+    def from_a_thread():
+        for call in (lambda: mpxd.send_response(s), lambda: mpxd.close_session(s),
+                     lambda: mpxd.call_later(1, print)):
+            try:
+                call()
+            except RuntimeError as e:
+                refusals.append(str(e))
+    thread = threading.Thread(target=from_a_thread)
+    thread.start()
+    thread.join()
+    s.response = "done"
+""")
+    c = h.connect()
+    assert c.send("go") == ["done"] and not c.closed
+    assert [r.split(" called")[0] for r in h.module.refusals] == \
+        ["send_response", "close_session", "call_later"]
+    assert "call_soon_threadsafe" in h.module.refusals[0]
+
+
 def test_peer_reset_drops_output_and_calls_handle_close_once(harness):
     h = harness(LIFECYCLE)
     c = h.connect()
