@@ -446,6 +446,18 @@ def handle_request(s):
     assert "call_soon_threadsafe" in h.module.refusals[0]
 
 
+@pytest.mark.parametrize("option, value, said", [
+    ("max_line", 0, "1 or more, and finite"), ("max_output", -1, "1 or more, and finite"),
+    ("threads", 0, "from 1 to 256"), ("idle_timeout", float("nan"), "0 or more, and finite"),
+    ("drain_timeout", float("inf"), "0 or more, and finite"),
+    ("low_water", -1, "0 or more, and finite"),
+])
+def test_option_values_the_command_line_refuses_are_refused(write_script, option, value, said):
+    # The harness used to run the core with them (max_line=-5 cut every line).
+    with pytest.raises(ValueError, match=f"{option} must be {said}, not"):
+        Harness(write_script(ECHO), **{option: value})
+
+
 def test_peer_reset_drops_output_and_calls_handle_close_once(harness):
     h = harness(LIFECYCLE)
     c = h.connect()

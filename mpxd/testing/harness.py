@@ -19,6 +19,7 @@ clock) and the moment worker threads are waited for (``run_threads``).
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 import time
@@ -52,6 +53,15 @@ DAEMON_ONLY = {"script", "port", "hosts", "poller", "backlog", "max_connections"
 OPTIONS = {f.name for f in fields(Config)} - DAEMON_ONLY
 
 
+# The ranges the command line enforces (--max-line, --threads, ...): a test
+# must not run the core in a state the daemon refuses to start in.
+_LIMITS = {     # name: (least, most); most None: any finite number
+    "max_line": (1, None), "max_output": (1, None), "high_water": (1, None),
+    "low_water": (0, None), "threads": (1, 256),
+    "idle_timeout": (0, None), "drain_timeout": (0, None),
+}
+
+
 def make_config(script: str, **options: Any) -> Config:
     """A ``Config`` for ``script`` from keyword options named like its fields.
 
@@ -68,6 +78,13 @@ def make_config(script: str, **options: Any) -> Config:
                if daemon_only else "")
         raise TypeError(f"not a harness option: {', '.join(unknown)}; {why}"
                         f"options are {', '.join(sorted(OPTIONS))}")
+    for name, (least, most) in _LIMITS.items():
+        value = options.get(name)
+        if value is not None and not (least <= value < math.inf and   # nan fails too
+                                      (most is None or value <= most)):
+            bound = f"from {least} to {most}" if most else f"{least} or more, and finite"
+            raise ValueError(f"{name} must be {bound}, not {value!r} "
+                             f"(as on the command line)")
     if "eol" in options:
         if options["eol"] not in EOLS:
             raise ValueError(f"eol must be 'lf' or 'crlf', not {options['eol']!r}")
