@@ -70,6 +70,15 @@ class ControlClient:
             lines = []
             while True:
                 line = self._readline()
+                if line is None:
+                    # A control socket never closes first: whoever did was
+                    # refused, or is not mpxd's control socket at all.
+                    if lines:
+                        raise Unreachable(f"{self.path} answered {lines[0][:80]!r}, which "
+                                          f"is not mpxd's control protocol (is it an mpxd "
+                                          f"--control socket?)")
+                    raise Unreachable(f"{self.path} closed the connection unanswered "
+                                      f"(only the daemon's user and root may use it)")
                 if line == "OK" or line.startswith("OK "):
                     return lines, line[3:]
                 if line.startswith("ERROR"):
@@ -82,13 +91,12 @@ class ControlClient:
             raise Unreachable(f"lost the connection to {self.path}: "
                               f"{e.strerror or e}") from None
 
-    def _readline(self) -> str:
+    def _readline(self) -> str | None:
+        """The next line of the answer; ``None`` when the other end closed."""
         while b"\n" not in self.buf:
             chunk = self.sock.recv(65536)
             if not chunk:
-                # A control socket never closes first: whoever did was refused.
-                raise Unreachable(f"{self.path} closed the connection unanswered "
-                                  f"(only the daemon's user and root may use it)")
+                return None
             self.buf += chunk
         line, _, self.buf = self.buf.partition(b"\n")
         return line.decode("utf-8", "replace")

@@ -307,6 +307,33 @@ def test_mpxctl_reports_a_stale_pidfile_as_not_running(tmp_path):
     assert result.returncode == 3 and "not running" in result.stderr
 
 
+@pytest.mark.parametrize("answer, said", [
+    (b"", "closed the connection unanswered"),
+    (b"220 smtp.example ready\n", "answered '220 smtp.example ready', which is not "
+                                   "mpxd's control protocol"),
+])
+def test_mpxctl_tells_a_refusal_from_a_socket_that_is_not_mpxds(tmp_path, answer, said):
+    path = str(tmp_path / "other.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+
+    def serve_once():
+        conn, _ = server.accept()
+        conn.recv(100)
+        conn.sendall(answer)
+        conn.close()
+
+    thread = threading.Thread(target=serve_once)
+    thread.start()
+    try:
+        result = mpxctl("status", "--control", path)
+    finally:
+        thread.join()
+        server.close()
+    assert result.returncode == 3 and said in result.stderr, result.stderr
+
+
 def test_render_stats_is_readable():
     lines = ["pid 7", "version 0.1.0", "state serving", "uptime 3725.5",
              "connections 2", "connections_total 1234", "requests 56789",
