@@ -24,17 +24,8 @@ def describe(sock: socket.socket) -> str:
     return str(address)
 
 
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
 def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, int, tuple]:
-    """``(family, proto, sockaddr)`` to bind for ``host``: its first address.
-
-    ``[::1]``, the bracketed form URLs use, is taken for ``::1``.
-    """
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+    """``(family, proto, sockaddr)`` to bind for ``host``: its first address."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
@@ -62,9 +53,11 @@ def _probe_port(family: socket.AddressFamily, proto: int, address: tuple) -> Non
         probe.close()
 
 
-def _bind_one(host: str, port: int, backlog: int, reuse_port: bool = False,
-              listen: bool = True, refuse_taken: bool = False) -> socket.socket:
-    family, proto, address = _resolve(host, port)
+def _bind_one(host: str, resolved: tuple[socket.AddressFamily, int, tuple], port: int,
+              backlog: int, reuse_port: bool = False, listen: bool = True,
+              refuse_taken: bool = False) -> socket.socket:
+    """Bind (and listen on) ``resolved``, what ``_resolve(host, port)`` returned."""
+    family, proto, address = resolved
     sock = socket.socket(family, socket.SOCK_STREAM, proto)
     try:
         if refuse_taken:
@@ -114,12 +107,16 @@ def bind_listeners(hosts: tuple[str, ...], port: int, backlog: int,
     bound: set[tuple] = set()           # (family, address) already listened on
     try:
         for host in hosts:
+            if host.startswith("[") and host.endswith("]"):
+                host = host[1:-1]       # [::1], the bracketed form URLs use
             try:
-                family, _proto, address = _resolve(host, port)
+                resolved = _resolve(host, port)
+                family, _proto, address = resolved
                 if (family, address[0]) in bound:
                     continue            # --host 127.0.0.1 twice, or a name for it
                 bound.add((family, address[0]))
-                sock = _bind_one(host, port, backlog, reuse_port, listen, refuse_taken)
+                sock = _bind_one(host, resolved, port, backlog, reuse_port, listen,
+                                 refuse_taken)
             except ListenError:
                 if optional and host == "::1" and not socket.has_ipv6:
                     continue
