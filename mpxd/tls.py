@@ -67,12 +67,20 @@ def make_context(cert: str, key: str | None, ca: str | None) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    pair = f"{cert} with key {key}" if key else cert
+
+    def refuse_pass_phrase() -> str:
+        # Without this, OpenSSL asks for the pass phrase on the terminal and
+        # the daemon (or its loop, on HUP) waits there for an answer.
+        raise TLSSetupError(
+            f"cannot use TLS certificate {pair}: the key is encrypted and a "
+            f"daemon cannot ask for its pass phrase; store it unencrypted, "
+            f"readable only by root (openssl pkey -in KEY -out NEWKEY)")
     try:
-        context.load_cert_chain(cert, key)
+        context.load_cert_chain(cert, key, password=refuse_pass_phrase)
     except (ssl.SSLError, OSError) as e:
-        pair = f"{cert} with key {key}" if key else cert
-        raise TLSSetupError(f"cannot use TLS certificate {pair}: "
-                            f"{_reason(e)}") from None
+        reason = _pem_problem(cert, key) or _reason(e)
+        raise TLSSetupError(f"cannot use TLS certificate {pair}: {reason}") from None
     if ca is not None:
         try:
             context.load_verify_locations(cafile=ca)
@@ -80,6 +88,26 @@ def make_context(cert: str, key: str | None, ca: str | None) -> ssl.SSLContext:
             raise TLSSetupError(f"cannot use TLS CA file {ca}: {_reason(e)}") from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def _pem_problem(cert: str, key: str | None) -> str | None:
+    """Why ``cert``/``key`` cannot be PEM certificate and key, if it shows.
+
+    OpenSSL says only "PEM lib" when a file holds no certificate or no key.
+    """
+    def holds(path: str, marker: bytes) -> bool:
+        try:
+            with open(path, "rb") as f:
+                return marker in f.read(1 << 20)
+        except OSError:
+            return True      # unreadable now: let OpenSSL's reason stand
+    if not holds(cert, b"-----BEGIN CERTIFICATE-----"):
+        return f"{cert} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+    key_file = key or cert
+    if not holds(key_file, b"PRIVATE KEY-----"):
+        where = key_file if key else f"{cert} (give the key file with --tls-key)"
+        return f"no PEM private key in {where}"
+    return None
 
 
 def _reason(e: BaseException) -> str:

@@ -18,9 +18,10 @@ import textwrap
 import time
 import warnings
 
+import pexpect
 import pytest
 
-from mpxd.tls import subject_string
+from mpxd.tls import TLSSetupError, make_context, subject_string
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
                                 reason="the openssl command is needed to make test certificates")
@@ -299,6 +300,37 @@ def test_unusable_certificate_stops_startup(certs, tmp_path, handler):
                              capture_output=True, text=True, timeout=30)
     assert keyless.returncode == 2
     assert "--tls-key needs --tls-cert" in keyless.stderr
+
+
+def test_certificate_or_key_missing_from_a_file_is_named(certs, tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    server, key = str(certs / "server.pem"), str(certs / "server.key")
+    cases = [((str(garbage), key), f"{garbage} holds no PEM certificate"),
+             ((key, key), f"{key} holds no PEM certificate"),
+             ((server, server), f"no PEM private key in {server}"),
+             ((server, None), f"no PEM private key in {server} (give the key file with --tls-key)")]
+    for (cert_file, key_file), reason in cases:
+        with pytest.raises(TLSSetupError) as caught:
+            make_context(cert_file, key_file, None)
+        assert str(caught.value).endswith(reason) or reason + " (" in str(caught.value), caught.value
+
+
+def test_encrypted_key_fails_at_once_instead_of_asking_on_the_terminal(certs, tmp_path, handler):
+    encrypted = tmp_path / "encrypted.key"
+    _openssl("pkey", "-in", str(certs / "server.key"), "-aes256", "-passout", "pass:secret",
+             "-out", str(encrypted), cwd=tmp_path)
+    # On a terminal, OpenSSL's default is to prompt there and wait for an answer.
+    child = pexpect.spawn(sys.executable, ["-m", "mpxd", "--port", "0", "--host", "127.0.0.1",
+                                           "--tls-cert", str(certs / "server.pem"),
+                                           "--tls-key", str(encrypted), handler],
+                          timeout=20, encoding="utf-8")
+    index = child.expect([r"the key is encrypted and a daemon cannot ask for its pass phrase",
+                          r"pass phrase:", pexpect.EOF, pexpect.TIMEOUT])
+    assert index == 0, child.before
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1
 
 
 def test_subject_string_escapes_as_rfc4514():
