@@ -89,7 +89,8 @@ _OPTIONS = [
                  help="Speak TLS on the TCP listeners with this PEM certificate "
                       "(chain). HUP reloads it."),
     click.option("--tls-key", type=_FILE, default=None, metavar="FILE",
-                 help="The PEM private key of --tls-cert (default: in that file)."),
+                 help="The unencrypted PEM private key of --tls-cert (default: in "
+                      "that file)."),
     click.option("--tls-ca", type=_FILE, default=None, metavar="FILE",
                  help="Require client certificates signed by a CA in this PEM "
                       "file; the subject is s.tls_peer."),
@@ -142,15 +143,23 @@ def edge_settings(options: dict[str, Any]) -> dict[str, Any]:
     def absolute(path: str | None) -> str | None:
         return os.path.abspath(path) if path else None
 
+    if any(not path for path in options.get("unix", ())):
+        raise click.UsageError("--unix needs a path")
+    # One socket per file: a path given twice is listened on once.
+    unix = tuple(dict.fromkeys(os.path.abspath(p) for p in options.get("unix", ())))
+    control = absolute(options.get("control"))
+    if control in unix:
+        raise click.UsageError(f"--control {control} is also a --unix path; give the "
+                               f"control socket a path of its own")
     return dict(
         tls_cert=absolute(cert), tls_key=absolute(options.get("tls_key")),
         tls_ca=absolute(options.get("tls_ca")),
         tls_handshake_timeout=options.get("tls_handshake_timeout", 10.0),
-        unix=tuple(os.path.abspath(p) for p in options.get("unix", ())),
+        unix=unix,
         unix_mode=options.get("unix_mode", 0o660),
         allow=tuple(options.get("allow", ())), deny=tuple(options.get("deny", ())),
         max_per_ip=options.get("max_per_ip", 0), max_rate=options.get("max_rate", 0.0),
-        control=absolute(options.get("control")),
+        control=control,
     )
 
 

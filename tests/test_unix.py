@@ -143,6 +143,30 @@ def test_bad_unix_arguments(tmp_path, handler):
     assert "not an octal file mode" in result.stderr
 
 
+def test_a_path_given_twice_is_listened_on_once(mpxd, handler, tmp_path):  # noqa: F811
+    path = str(tmp_path / "twice.sock")
+    d = mpxd(["--unix", path, "--unix", os.path.relpath(path, ROOT), handler])
+    d.wait_for(f"listening on {path}")
+    c = UnixClient(path)
+    assert c.readline().startswith("peer ")
+    c.close()
+    assert d.stop() == 0
+    assert d.log().count("listening on") == 1
+    assert "another process" not in d.log()
+
+
+def test_unix_paths_that_cannot_work_are_usage_errors(tmp_path, handler):
+    shared = str(tmp_path / "both.sock")
+    for args, message in ((["--unix", ""], "--unix needs a path"),
+                          (["--unix", shared, "--control", shared],
+                           f"--control {shared} is also a --unix path")):
+        result = subprocess.run([sys.executable, "-m", "mpxd", *args, handler],
+                                capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
+    assert not os.path.exists(shared)
+
+
 def test_unix_peer_prints_its_credentials():
     peer = UnixPeer(12, 1000, 100)
     assert peer == (12, 1000, 100) and peer.uid == 1000
