@@ -40,9 +40,12 @@ ERROR_LINE_TOO_LONG = "ERROR line too long"
 # What a handler, callback or hook may raise without stopping the daemon.
 # SystemExit too: argparse and click exit on bad input, and a client's bad
 # line must not stop the service for everyone (a handler that means to stop
-# it sends SIGTERM to its own process).  KeyboardInterrupt is left alone: in
-# the daemon SIGINT never raises it, and in a test run it is the user's ^C.
-USER_CODE_ERRORS = (Exception, SystemExit)
+# it sends SIGTERM to its own process).  KeyboardInterrupt only once the
+# daemon's loop runs (``Core.user_errors``): from then on SIGINT drains instead
+# of raising, so one can only come from user code; in a test run or at
+# start-up it is the user's ^C and must stop the process.
+USER_CODE_ERRORS: tuple[type[BaseException], ...] = (Exception, SystemExit)
+USER_CODE_ERRORS_IN_DAEMON = USER_CODE_ERRORS + (KeyboardInterrupt,)
 
 _current: Core | None = None
 
@@ -87,6 +90,7 @@ class Core:
         self.sessions_by_id: dict[int, Session] = {}
         self.dirty: list[Session] = []
         self.errors: list[tuple[str, Session | None, BaseException]] | None = None
+        self.user_errors = USER_CODE_ERRORS    # the daemon's loop adds KeyboardInterrupt
         self.wake: Callable[[], None] = lambda: None   # set by the edge
         self._ready: deque[tuple[Callable[..., Any], tuple]] = deque()
         self._handling: Session | None = None   # whose handler runs (for run_in_thread)
@@ -303,7 +307,7 @@ class Core:
             s.response = ""
             try:
                 handler(s)
-            except USER_CODE_ERRORS as e:  # a handler bug ends its session only
+            except self.user_errors as e:  # a handler bug ends its session only
                 self._handler_failed(s, line, e)
                 rest = list(remaining)
                 break
@@ -355,7 +359,7 @@ class Core:
         try:
             fn(*args)
             return True
-        except USER_CODE_ERRORS as e:  # user code must not stop the loop
+        except self.user_errors as e:  # user code must not stop the loop
             self._user_code_failed(what, s, e)
             return False
 

@@ -25,7 +25,7 @@ import socket
 from typing import Any, Callable
 
 from .config import Config
-from .core import Core, format_peer
+from .core import USER_CODE_ERRORS_IN_DAEMON, Core, format_peer
 from .logs import flush_batched, lines_waiting, start_batching, stop_batching
 from .script import ScriptError, load_script
 from .session import Session
@@ -150,6 +150,8 @@ class Loop:
         core = self.core
         poller = self.poller
         self._wakeup.install()
+        # SIGINT now drains; a KeyboardInterrupt can only be user code's own.
+        core.user_errors = USER_CODE_ERRORS_IN_DAEMON
         poller.register(self._wakeup.fileno(), IN)
         self._start_accepting()
         if self.notifier.enabled:
@@ -472,7 +474,7 @@ class Loop:
         for hook in self.reload_hooks:      # TLS certificates
             hook()
         try:
-            handlers = load_script(path)
+            handlers = load_script(path, interruptible=False)
         except ScriptError as e:
             log.error("reload failed, still serving the previous version: %s", e)
             self.notifier.ready(f"reload failed: {e}; {self._status_text()}")

@@ -84,12 +84,15 @@ def _describe_exception(path: str, exc: BaseException) -> str:
     return f"{path}: exception at import{where}: {type(exc).__name__}: {exc}"
 
 
-def load_script(path: str) -> Handlers:
+def load_script(path: str, interruptible: bool = True) -> Handlers:
     """Compile, execute and validate the script at ``path``.
 
     Raises ``ScriptError`` with a one-line message for a missing or
     unreadable file, a syntax error (with its line number), an exception
     while the module runs, or a missing or non-callable ``handle_request``.
+    A KeyboardInterrupt (the user's ^C) goes through, unless not
+    ``interruptible``: a running daemon's SIGINT does not raise one, so
+    there it is the script's own error too.
     """
     path = os.path.abspath(path)
     try:
@@ -125,7 +128,7 @@ def load_script(path: str) -> Handlers:
         raise ScriptError(f"{path}: called exit({e.code}) at import") from None
     except BaseException as e:  # noqa: BLE001 - any failure is the script's
         sys.modules.pop(name, None)
-        if isinstance(e, KeyboardInterrupt):
+        if isinstance(e, KeyboardInterrupt) and interruptible:
             raise
         raise ScriptError(_describe_exception(path, e)) from None
 

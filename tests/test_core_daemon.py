@@ -432,10 +432,11 @@ def test_handle_close_once_when_handle_open_fails(daemon, write_script, tmp_path
     assert log.read_text().split() == ["1", "2"]
 
 
-def test_a_wrong_response_type_or_sys_exit_ends_one_session_not_the_daemon(
+def test_a_wrong_response_type_sys_exit_or_interrupt_ends_one_session_not_the_daemon(
         daemon, write_script):
-    # Both used to escape the loop: a TypeError from the output queue, and
-    # SystemExit (argparse exits on bad input), stopping every session.
+    # All three used to escape the loop: a TypeError from the output queue,
+    # SystemExit (argparse exits on bad input) and KeyboardInterrupt, stopping
+    # every session.
     script = write_script("""
         import sys
 
@@ -444,6 +445,8 @@ def test_a_wrong_response_type_or_sys_exit_ends_one_session_not_the_daemon(
                 s.response = 42
             elif s.request == "exit":
                 sys.exit(3)
+            elif s.request == "interrupt":
+                raise KeyboardInterrupt     # SIGINT drains: this is the handler's own
             else:
                 s.response = "ok " + s.request
     """)
@@ -451,7 +454,7 @@ def test_a_wrong_response_type_or_sys_exit_ends_one_session_not_the_daemon(
     bystander = d.connect()
     assert bystander.ask("before") == "ok before"
     for line, logged in [("number", "TypeError: s.response must be a str, not int: 42"),
-                         ("exit", "SystemExit: 3")]:
+                         ("exit", "SystemExit: 3"), ("interrupt", "KeyboardInterrupt")]:
         c = d.connect()
         c.send_lines("first", line, "never handled")
         assert c.read_all() == b"ok first\n"

@@ -149,6 +149,15 @@ def test_sys_exit_at_import(write_script):
     assert "exit" in message and "3" in message
 
 
+def test_keyboard_interrupt_at_import_is_a_script_error_only_when_not_interruptible(
+        write_script):
+    path = write_script("raise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):      # start-up: the user's ^C stops it
+        load_script(path)
+    with pytest.raises(ScriptError, match="exception at import .*KeyboardInterrupt"):
+        load_script(path, interruptible=False)   # a daemon's reload
+
+
 def test_a_failed_load_leaves_no_module_behind(write_script):
     path = write_script("raise ValueError('nope')\n")
     before = {name for name in sys.modules if name.startswith("_mpxd")}

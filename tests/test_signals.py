@@ -307,6 +307,8 @@ BROKEN_VERSIONS = {
     "syntax error": ("def handle_request(s)\n    pass\n", r"syntax error at line 1"),
     "exception at import": ("raise RuntimeError('nope')\n", r"RuntimeError: nope"),
     "no handle_request": ("def handle_close(s):\n    pass\n", r"does not define handle_request"),
+    # Not the operator's ^C (SIGINT drains): the script's own, so an error like any other.
+    "KeyboardInterrupt at import": ("raise KeyboardInterrupt\n", r"KeyboardInterrupt"),
 }
 
 

@@ -321,6 +321,8 @@ def handle_request(s):
             s.response = f"refused: {e}"
     elif kind == "exit":
         sys.exit(int(value))
+    elif kind == "interrupt":
+        raise KeyboardInterrupt
     else:
         s.response = f"ok {s.request}"
 """
@@ -374,6 +376,17 @@ def test_sys_exit_in_a_handler_ends_its_session_not_the_server(harness):
     [(where, _session, exc)] = h.errors
     assert where == "handle_request" and isinstance(exc, SystemExit) and exc.code == 2
     assert good.send("still here") == ["ok still here"]
+
+
+def test_keyboard_interrupt_stops_a_test_run(harness):
+    # In a test run ^C raises KeyboardInterrupt wherever the code is, a
+    # handler included: it must stop pytest, not become a handler error.
+    # (The daemon, where SIGINT drains instead, treats it as one.)
+    h = harness(WRONG_TYPES)
+    c = h.connect()
+    with pytest.raises(KeyboardInterrupt):
+        c.send("interrupt now")
+    assert h.errors == []
 
 
 def test_sys_exit_in_a_timer_is_logged_and_the_server_carries_on(harness):

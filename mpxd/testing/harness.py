@@ -287,6 +287,7 @@ class Harness:
         if not self.core.start():
             # As the daemon does: a failing on_start stops start-up.
             self.core.stop(run_on_stop=False)
+            self._release_current()
             raise ScriptError(f"{handlers.path}: on_start failed: "
                               f"{self.core.errors[-1][2]!r}; not serving")
         self._settle()
@@ -472,7 +473,11 @@ class Harness:
             self._settle()
         self._closed = True
         core.stop()
-        if core_module._current is core:
+        self._release_current()
+
+    def _release_current(self) -> None:
+        """Leave no stopped core behind for ``mpxd.call_later`` & co to find."""
+        if core_module._current is self.core:
             core_module._current = None
 
     # ------------------------------------------------------- the fake edge
