@@ -28,7 +28,11 @@ def _broadcast(sender, text):
 
 
 def handle_open(s):
-    s.handle = {"nick": f"guest{s.id}"}
+    nick = f"guest{s.id}"
+    taken = {_name(o) for o in sessions() if o is not s and o.handle is not None}
+    while nick in taken:            # someone already renamed themselves to it
+        nick += "_"
+    s.handle = {"nick": nick}
     present = sum(1 for other in sessions() if other is not s)
     s.response = (f"* welcome, you are {_name(s)}; {present} other(s) here; "
                   f"/nick NAME to rename, /who, /quit")

@@ -115,6 +115,14 @@ def test_chat_nick_rules_and_who(chat):
     assert bob.send("") == []
 
 
+def test_chat_guest_names_never_collide_with_a_chosen_nick(chat):
+    alice = chat.connect()
+    assert alice.send("/nick guest2") == ["* you are now guest2"]
+    bob = chat.connect()            # session 2: its default name is taken
+    assert bob.new()[0].startswith("* welcome, you are guest2_;")
+    assert bob.send("/who") == ["* here: guest2 guest2_"]
+
+
 def test_chat_quit_and_disconnects_are_announced(chat):
     alice, bob, carol = chat.connect(), chat.connect(), chat.connect()
     for c in (alice, bob, carol):
