@@ -9,8 +9,8 @@ Try it:
     STATS                      -> lookups 3 answered 3 abandoned 0 in-flight 0
 
 ``RESOLVE HOST [DELAY]`` calls ``socket.getaddrinfo``, which blocks (it may
-wait seconds for a DNS server); DELAY seconds of ``time.sleep`` first stand
-in for a slow server.  A blocking call in a handler would stall every
+wait seconds for a DNS server); DELAY seconds of ``time.sleep`` first (at
+most 10) stand in for a slow server.  A blocking call in a handler would stall every
 connection, so the handler hands it to ``mpxd.run_in_thread`` and returns at
 once with no response; the loop goes on serving everyone else.  When the
 lookup is done, ``then`` runs on the loop thread and sends the answer with
@@ -34,6 +34,7 @@ from collections import deque
 from mpxd import run_in_thread, send_response
 
 MAX_IN_FLIGHT = 16
+MAX_DELAY = 10          # seconds; each delayed lookup holds one of --threads meanwhile
 
 stats = {"lookups": 0, "answered": 0, "abandoned": 0}
 
@@ -55,6 +56,9 @@ def handle_request(s):
             delay = float(words[2]) if len(words) == 3 else 0.0
         except ValueError:
             _answer(s, ["ERROR delay must be a number of seconds"])
+            return
+        if not 0 <= delay <= MAX_DELAY:     # also refuses nan: a thread is held that long
+            _answer(s, [f"ERROR delay must be between 0 and {MAX_DELAY} seconds"])
             return
         if sum(1 for slot in s.handle if slot[0] is None) >= MAX_IN_FLIGHT:
             _answer(s, ["ERROR too many lookups in flight"])

@@ -311,6 +311,8 @@ def test_lookup_reports_failures_and_usage(lookup, monkeypatch):
     assert c.new() == ["ERROR no.such.name.: Name or service not known"]
     assert c.send("RESOLVE") == ["ERROR usage: RESOLVE HOST [DELAY]"]
     assert c.send("RESOLVE x soon") == ["ERROR delay must be a number of seconds"]
+    for delay in ("-1", "nan", "inf", "1e9"):     # each would hold a thread that long
+        assert c.send(f"RESOLVE x {delay}") == ["ERROR delay must be between 0 and 10 seconds"]
     assert c.send("WHOIS x") == ["ERROR unknown command 'WHOIS'"]
 
 
