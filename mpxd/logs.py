@@ -24,6 +24,9 @@ log = logging.getLogger("mpxd")
 
 LEVELS = ("debug", "info", "warning", "error")
 
+SYSLOG_SOCKET = "/dev/log"           # --syslog sends here; else over UDP to:
+SYSLOG_UDP = ("localhost", 514)
+
 # syslog priorities (RFC 5424) for the <N> prefix journald understands
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4,
              logging.ERROR: 3, logging.CRITICAL: 2}
@@ -309,7 +312,14 @@ def setup_logging(level: str = "info", log_file: str | None = None,
         logger.addHandler(file_handler)
         reopenable.append(file_handler)
     if syslog:
-        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
+        if os.path.exists(SYSLOG_SOCKET):
+            address: str | tuple[str, int] = SYSLOG_SOCKET
+        else:
+            # Say so once: UDP fails silently when no syslog daemon listens.
+            address = SYSLOG_UDP
+            print(f"mpxd: no syslog socket at {SYSLOG_SOCKET}; sending log lines "
+                  f"over UDP to {SYSLOG_UDP[0]}:{SYSLOG_UDP[1]}, where nothing may "
+                  f"be listening", file=stream or sys.stderr, flush=True)
         syslog_handler = logging.handlers.SysLogHandler(
             address=address, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
         syslog_handler.setFormatter(EncodableFormatter("mpxd[%(process)d]: %(message)s"))

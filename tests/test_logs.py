@@ -18,6 +18,7 @@ import socket
 import pytest
 
 from conftest import HANDLERS, LineClient
+from mpxd import logs
 from mpxd.logs import (JournalFormatter, setup_logging, start_batching, stderr_is_journal,
                        stop_batching)
 
@@ -317,7 +318,29 @@ def test_syslog_option_starts_and_stops(mpxd, tmp_path):
     assert notify.recv(4096).startswith(b"READY=1")
     notify.close()
     assert m.stop() == 0
-    assert m.stderr() == ""
+    if os.path.exists("/dev/log"):
+        assert m.stderr() == ""
+    else:       # one warning, no log lines
+        assert m.stderr().splitlines() == [
+            "mpxd: no syslog socket at /dev/log; sending log lines over UDP to "
+            "localhost:514, where nothing may be listening"]
+
+
+def test_a_missing_syslog_socket_is_said_once_on_stderr(monkeypatch, tmp_path):
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    stream = io.StringIO()
+    live = tmp_path / "log"
+    live.touch()                    # exists: used as it is, nothing said
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(live))
+    setup_logging("info", syslog=True, stream=stream)
+    assert stream.getvalue() == ""
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(tmp_path / "missing"))
+    setup_logging("info", syslog=True, stream=stream)
+    assert f"no syslog socket at {tmp_path / 'missing'}; sending log lines over UDP " \
+           "to localhost:514" in stream.getvalue()
+    [handler] = logging.getLogger("mpxd").handlers
+    assert handler.address == ("localhost", 514)
+    setup_logging("info", stream=io.StringIO())
 
 
 def test_syslog_lines_reach_a_syslog_daemon(mpxd):
@@ -349,4 +372,5 @@ def test_syslog_lines_reach_a_syslog_daemon(mpxd):
             lines.append(syslogd.recv(4096).decode())
     finally:
         syslogd.close()
-    assert m.stderr() == ""
+    assert m.stderr().startswith("mpxd: no syslog socket at /dev/log")   # and nothing else
+    assert len(m.stderr().splitlines()) == 1
