@@ -149,9 +149,7 @@ class Loop:
         The caller has run ``core.start()`` (the script's ``on_start``)."""
         core = self.core
         poller = self.poller
-        self._wakeup.install()
-        # SIGINT now drains; a KeyboardInterrupt can only be user code's own.
-        core.user_errors = USER_CODE_ERRORS_IN_DAEMON
+        self.install_signals()
         poller.register(self._wakeup.fileno(), IN)
         self._start_accepting()
         if self.notifier.enabled:
@@ -447,6 +445,8 @@ class Loop:
         sent as soon as "listening on" appears is handled, not fatal.
         """
         self._wakeup.install()
+        # SIGINT now drains; a KeyboardInterrupt can only be user code's own.
+        self.core.user_errors = USER_CODE_ERRORS_IN_DAEMON
 
     def _dispatch_signals(self) -> None:
         for signum in self._wakeup.drain():

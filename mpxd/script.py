@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import os
+import pwd
 import sys
 import traceback
 import types
@@ -76,6 +77,14 @@ def _refuse_deferred(path: str, name: str, fn: Callable) -> None:
                           f"yield) and would never run: write a plain def")
 
 
+def _user_name() -> str:
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def _describe_exception(path: str, exc: BaseException) -> str:
     """One line naming where in the script an exception at import came from."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
@@ -102,6 +111,10 @@ def load_script(path: str, interruptible: bool = True) -> Handlers:
         raise ScriptError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ScriptError(f"{path}: is a directory, not a Python file") from None
+    except PermissionError as e:
+        # After --user the script is read as that user: say which one.
+        raise ScriptError(f"{path}: cannot read as user {_user_name()}: "
+                          f"{e.strerror}") from None
     except OSError as e:
         raise ScriptError(f"{path}: cannot read: {e.strerror}") from None
 

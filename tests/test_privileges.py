@@ -142,6 +142,16 @@ def test_unknown_group_exits_1(mpxd, shared_dir):
     assert "unknown group 'no-such-group-mpxd'" in m.stderr()
 
 
+def test_a_script_the_user_cannot_read_names_the_user(mpxd, tmp_path):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)       # root's only
+    script = private / "handler.py"
+    script.write_text("def handle_request(s):\n    s.response = 'x'\n")
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", "--user", "nobody", str(script)])
+    assert m.wait() == 1
+    assert f"{script}: cannot read as user nobody: Permission denied" in m.stderr()
+
+
 def test_numeric_ids_are_accepted():
     child = in_child("""
         drop_privileges(str(UID), str(GID))
