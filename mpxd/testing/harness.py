@@ -26,6 +26,8 @@ import time
 from dataclasses import fields
 from typing import Any, Callable, Iterable
 
+import click
+
 from .. import core as core_module
 from ..config import Config, water_marks
 from ..core import Core
@@ -53,13 +55,27 @@ DAEMON_ONLY = {"script", "port", "hosts", "poller", "backlog", "max_connections"
 OPTIONS = {f.name for f in fields(Config)} - DAEMON_ONLY
 
 
-# The ranges the command line enforces (--max-line, --threads, ...): a test
-# must not run the core in a state the daemon refuses to start in.
-_LIMITS = {     # name: (least, most); most None: any finite number
-    "max_line": (1, None), "max_output": (1, None), "high_water": (1, None),
-    "low_water": (0, None), "threads": (1, 256),
-    "idle_timeout": (0, None), "drain_timeout": (0, None),
-}
+# A test must not run the core in a state the daemon refuses to start in:
+# options the command line has are checked by its own click parameters (one
+# place for the ranges); the water marks, which it derives, here.
+_WATER_MARKS = {"high_water": 1, "low_water": 0}      # name: least value
+
+
+def _as_on_the_command_line(name: str, value: Any) -> Any:
+    """``value`` converted and checked as ``mpxd --NAME`` does; else ValueError."""
+    from ..cli import main          # not at import: the CLI pulls in the whole daemon
+    param = next((p for p in main.params if p.name == name), None)
+    if param is None:
+        least = _WATER_MARKS[name]
+        if not least <= value < math.inf:           # nan fails too
+            raise ValueError(f"{name}={value!r} is refused: it must be {least} or "
+                             f"more, and finite")
+        return value
+    try:
+        return param.process_value(click.Context(main), value)
+    except click.BadParameter as e:
+        raise ValueError(f"{name}={value!r} is refused, as by mpxd "
+                         f"--{name.replace('_', '-')}: {e.message}") from None
 
 
 def make_config(script: str, **options: Any) -> Config:
@@ -78,13 +94,10 @@ def make_config(script: str, **options: Any) -> Config:
                if daemon_only else "")
         raise TypeError(f"not a harness option: {', '.join(unknown)}; {why}"
                         f"options are {', '.join(sorted(OPTIONS))}")
-    for name, (least, most) in _LIMITS.items():
-        value = options.get(name)
-        if value is not None and not (least <= value < math.inf and   # nan fails too
-                                      (most is None or value <= most)):
-            bound = f"from {least} to {most}" if most else f"{least} or more, and finite"
-            raise ValueError(f"{name} must be {bound}, not {value!r} "
-                             f"(as on the command line)")
+    for name in ("max_line", "max_output", "threads", "idle_timeout", "drain_timeout",
+                 *_WATER_MARKS):
+        if options.get(name) is not None:
+            options[name] = _as_on_the_command_line(name, options[name])
     if "eol" in options:
         if options["eol"] not in EOLS:
             raise ValueError(f"eol must be 'lf' or 'crlf', not {options['eol']!r}")
