@@ -53,9 +53,9 @@ _current: Core | None = None
 def current_core() -> Core:
     """The core whose handler code is running (for ``mpxd.call_later`` & co)."""
     if _current is None:
-        raise RuntimeError("no mpxd server is running in this process yet: call "
-                           "this from a handler, or at start-up from "
-                           "on_start(server), not at import")
+        raise RuntimeError("no mpxd server runs this code: call this from a "
+                           "handler, or at start-up from on_start(server) (on a "
+                           "reload, from on_reload), not at import")
     return _current
 
 

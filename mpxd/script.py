@@ -77,6 +77,20 @@ def _refuse_deferred(path: str, name: str, fn: Callable) -> None:
                           f"yield) and would never run: write a plain def")
 
 
+def _run_without_a_server(code: types.CodeType, module: types.ModuleType) -> None:
+    """Run the module's code as at start-up, when no server runs yet.
+
+    On a HUP reload a server does run; ``mpxd.call_every`` at module level
+    would work then and fail at the next start, so it fails on reload too.
+    """
+    from . import core          # core imports this module: not at the top
+    running, core._current = core._current, None
+    try:
+        exec(code, module.__dict__)
+    finally:
+        core._current = running
+
+
 def _user_name() -> str:
     uid = os.geteuid()
     try:
@@ -135,7 +149,7 @@ def load_script(path: str, interruptible: bool = True) -> Handlers:
         sys.path.insert(0, directory)
     sys.modules[name] = module
     try:
-        exec(code, module.__dict__)
+        _run_without_a_server(code, module)
     except SystemExit as e:
         sys.modules.pop(name, None)
         raise ScriptError(f"{path}: called exit({e.code}) at import") from None

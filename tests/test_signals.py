@@ -309,6 +309,9 @@ BROKEN_VERSIONS = {
     "no handle_request": ("def handle_close(s):\n    pass\n", r"does not define handle_request"),
     # Not the operator's ^C (SIGINT drains): the script's own, so an error like any other.
     "KeyboardInterrupt at import": ("raise KeyboardInterrupt\n", r"KeyboardInterrupt"),
+    # Refused at start-up, so refused on reload too, though a server runs then.
+    "timer at import": ("import mpxd\nmpxd.call_every(1, print)\n"
+                        "def handle_request(s):\n    pass\n", r"on_start\(server\)"),
 }
 
 

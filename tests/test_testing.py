@@ -946,9 +946,24 @@ def test_a_broken_script_raises_script_error(write_script):
 
 def test_scheduling_at_import_fails_as_in_the_daemon(harness, write_script):
     harness(ECHO)                  # another running harness must not catch it
-    with pytest.raises(ScriptError, match="no mpxd server is running"):
+    with pytest.raises(ScriptError, match="no mpxd server runs this code"):
         Harness(write_script("import mpxd\nmpxd.call_later(1, print)\n"
                              "def handle_request(s): pass\n", "early.py"))
+
+
+def test_scheduling_at_import_fails_on_reload_too(mpxd_harness, write_script):
+    # A server runs during a reload; if the timer were taken then, the script
+    # would serve until the next restart and then refuse to start.
+    path = write_script(ECHO, "grows.py")
+    h = mpxd_harness(path)
+    c = h.connect()
+    with open(path, "a") as f:
+        f.write("import mpxd\nmpxd.call_every(1, print)\n")
+    with pytest.raises(ScriptError, match=r"line \d+\): RuntimeError: no mpxd server runs "
+                                          r"this code.*on_reload"):
+        h.reload()
+    assert len(h.core.timers) == 0          # the refused version left no timer behind
+    assert c.send("still") == ["still"]
 
 
 def test_two_harnesses_do_not_share_state(mpxd_harness, write_script):
