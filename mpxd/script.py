@@ -135,9 +135,12 @@ def load_script(path: str, interruptible: bool = True) -> Handlers:
     try:
         code = compile(source, path, "exec", dont_inherit=True)
     except SyntaxError as e:
+        if e.lineno is None:    # NUL bytes, in recent Pythons: no line to name
+            raise ScriptError(f"{path}: cannot compile: {e.msg} (not Python "
+                              f"source?)") from None
         raise ScriptError(f"{path}: syntax error at line {e.lineno}: {e.msg}") from None
-    except ValueError as e:  # e.g. source with NUL bytes
-        raise ScriptError(f"{path}: cannot compile: {e}") from None
+    except ValueError as e:  # NUL bytes, in older Pythons
+        raise ScriptError(f"{path}: cannot compile: {e} (not Python source?)") from None
 
     # A private, unique name: reloads and several scripts never collide, and
     # nothing the user imports can shadow it.

@@ -8,6 +8,7 @@ errors follow click: usage errors exit 2, a taken port exits 1.
 from __future__ import annotations
 
 import os
+import py_compile
 import socket
 import subprocess
 import sys
@@ -135,6 +136,14 @@ def test_a_handler_that_would_never_run_is_refused(write_script, name, kind, bod
     source = "def handle_request(s): pass\n" if name != "handle_request" else ""
     message = load_error(write_script(source + f"{kind} {name}(x):\n{body}\n"))
     assert f"{name} {said}" in message and "plain def" in message
+
+
+def test_a_compiled_file_is_not_taken_for_source(tmp_path):
+    compiled = tmp_path / "counter.pyc"
+    py_compile.compile(os.path.join(HANDLERS, "counter.py"), cfile=str(compiled))
+    message = load_error(str(compiled))
+    assert "cannot compile" in message and "not Python source?" in message
+    assert "line None" not in message
 
 
 def test_a_timer_started_at_import_is_refused_with_where_to_start_it(write_script):
