@@ -46,8 +46,20 @@ class LineFramer:
         """Add received bytes; return the complete lines they finish."""
         if self.overflow:
             return []
-        if self.tail:
-            data = self.tail + data
+        tail = self.tail
+        if tail:
+            if b"\n" not in data:      # the line goes on (one byte at a time, maybe)
+                if len(tail) + len(data) > self.max_line:
+                    self.overflow = True
+                    self.tail = b""
+                    return []
+                # Grow in place: bytes + bytes would copy the whole line
+                # again for every chunk, quadratic in the line's length.
+                if type(tail) is bytes:
+                    self.tail = tail = bytearray(tail)
+                tail += data
+                return []
+            data = tail + data
         if len(data) > self.max_line:
             data = self._cut_at_overlong_line(data)
         if data[-1:] == b"\n":

@@ -154,6 +154,20 @@ def test_ten_megabytes_without_lf_keep_the_buffer_bounded():
     assert framer.overflow
 
 
+def test_a_line_arriving_byte_by_byte_grows_in_place_not_by_copies():
+    # bytes + bytes per chunk copied the whole partial line again each time:
+    # a 1 MiB line sent a byte at a time (--max-line 2M) cost minutes of CPU.
+    framer = LineFramer(max_line=1 << 21)
+    framer.feed(b"first\nx")
+    framer.feed(b"y")
+    growing = framer.tail
+    for _ in range(1000):
+        assert framer.feed(b"z") == []
+    assert framer.tail is growing and len(growing) == 1002
+    assert framer.feed(b"\r\nnext") == ["xy" + "z" * 1000]
+    assert framer.tail == b"next"
+
+
 def test_many_short_lines_in_one_big_chunk_pass_the_limit_check():
     data = b"".join(b"%d\n" % i for i in range(100_000))   # far above max_line
     lines = LineFramer(max_line=16).feed(data)
