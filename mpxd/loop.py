@@ -125,6 +125,9 @@ class Loop:
             prepare_listener(sock)
         self.conns: dict[int, Session] = {}
         self.max_connections = config.max_connections or default_max_connections()
+        # Accepted connections that are not sessions yet (TLS handshakes):
+        # they hold a descriptor too, so they count toward max_connections.
+        self.admitting = 0
         self.accepting = False
         self.draining = False
         self.running = False
@@ -270,7 +273,7 @@ class Loop:
         inet = listener.family != socket.AF_UNIX
         admit = self.admission.get(listener.fileno())     # None: plain TCP
         for _ in range(ACCEPT_BATCH):
-            if len(conns) >= self.max_connections:
+            if len(conns) + self.admitting >= self.max_connections:
                 # New clients wait in the kernel's backlog until room frees.
                 self._stop_accepting()
                 return
@@ -387,8 +390,11 @@ class Loop:
         else:
             self._linger(fd)
         self.core.finish(s)
+        self._accept_again_if_room()
+
+    def _accept_again_if_room(self) -> None:
         if not self.accepting and not self.draining and \
-                len(self.conns) < self.max_connections:
+                len(self.conns) + self.admitting < self.max_connections:
             self._start_accepting()
 
     def _linger(self, fd: int) -> None:
@@ -502,6 +508,15 @@ class Loop:
         self.conns[fd] = s
         self.poller.register(fd, IN)
         return s
+
+    def admission_started(self) -> None:
+        """An accepted connection is on its way to a session (a TLS handshake began)."""
+        self.admitting += 1
+
+    def admission_ended(self) -> None:
+        """It became a session (``adopt``) or is gone: its place is free again."""
+        self.admitting -= 1
+        self._accept_again_if_room()
 
     def watch(self, fd: int, mask: int, callback: Callable[[int], None]) -> None:
         """Poll ``fd``, which is not a session, for ``mask``; events go to ``callback(mask)``."""

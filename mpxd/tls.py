@@ -193,6 +193,7 @@ class Handshake:
         self.session: Session | None = None
         self.timer = loop.core.call_later(server.handshake_timeout, self._expired)
         loop.watch(fd, IN, self._ready)
+        loop.admission_started()        # counts toward --max-connections
 
     @property
     def _finished(self) -> bool:
@@ -260,6 +261,7 @@ class Handshake:
         """Handshake done and flushed: the connection becomes a session."""
         self.timer.cancel()
         self.loop.unwatch(self.fd)
+        self.loop.admission_ended()
         if self.loop.draining:
             self._close()
             return
@@ -279,6 +281,7 @@ class Handshake:
                 "TLS handshake with %s failed: %s", format_peer(self.peer), reason)
         self.timer.cancel()
         self.loop.unwatch(self.fd)
+        self.loop.admission_ended()
         self._close()
 
     def _close(self) -> None:

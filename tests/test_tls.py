@@ -220,6 +220,31 @@ def test_stalled_handshake_times_out_without_blocking_others(mpxd, certs, handle
     assert d.stop() == 0
 
 
+def test_handshakes_in_progress_count_toward_max_connections(mpxd, certs, handler):  # noqa: F811
+    # Each holds a descriptor: uncounted, clients that never handshake could
+    # take every descriptor whatever --max-connections says.
+    d = start(mpxd, certs, handler, "--max-connections", "2")
+    silent = [socket.create_connection(("127.0.0.1", d.port), timeout=10) for _ in range(2)]
+    time.sleep(0.3)                         # both accepted: the limit is reached
+    waiting = socket.create_connection(("127.0.0.1", d.port), timeout=10)  # the backlog
+    tls = client_context(certs).wrap_socket(waiting, server_hostname="localhost",
+                                            do_handshake_on_connect=False)
+    tls.settimeout(0.5)
+    with pytest.raises(socket.timeout):     # not accepted, so nobody answers
+        tls.do_handshake()
+    silent[0].close()                       # a place frees: it is accepted now
+    tls.settimeout(10)
+    tls.do_handshake()
+    tls.sendall(b"in\n")
+    answers = b""
+    while answers.count(b"\n") < 2:
+        answers += tls.recv(100)
+    assert answers == b"hello None\nin\n"
+    tls.close()
+    silent[1].close()
+    assert d.stop() == 0
+
+
 def test_plain_text_client_is_refused_and_logged(mpxd, certs, handler):  # noqa: F811
     d = start(mpxd, certs, handler)
     plain = socket.create_connection(("127.0.0.1", d.port), timeout=5)
