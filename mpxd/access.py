@@ -91,9 +91,9 @@ class AccessRules:
 
     def describe(self) -> list[str]:
         """The rules in the order they are tried, for logs and ``--help`` checks."""
-        lines = [f"{'allow' if allowed else 'deny '} {network}"
+        lines = [f"{'allow' if allowed else 'deny'} {network}"
                  for network, allowed in self.rules]
-        lines.append(f"{'allow' if self.default else 'deny '} everything else")
+        lines.append(f"{'allow' if self.default else 'deny'} everything else")
         return lines
 
 

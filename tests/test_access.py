@@ -58,8 +58,8 @@ def test_most_specific_rule_decides_whatever_the_order(allow, deny, verdicts):
 
 def test_rules_describe_the_order_they_are_tried_in():
     rules = AccessRules(["10.0.0.0/8", "10.1.2.3"], ["10.1.0.0/16"])
-    assert rules.describe() == ["allow 10.1.2.3/32", "deny  10.1.0.0/16",
-                                "allow 10.0.0.0/8", "deny  everything else"]
+    assert rules.describe() == ["allow 10.1.2.3/32", "deny 10.1.0.0/16",
+                                "allow 10.0.0.0/8", "deny everything else"]
 
 
 def test_bad_networks_are_rejected():
