@@ -864,7 +864,13 @@ ratios against the best peer of 1.03 to 1.07 for (a), 1.02 to 1.04 for (b),
 moved by under 2%, uvloop's by up to 3%. Six full runs after the small
 first read went in (`FIRST_READ`, 2026-11-30 evening, the last four with
 the warm-up) gave 1.02 to 1.05 for (a), 1.02 to 1.04 for (b), 1.06 to 1.08
-for (c) and 1.05 to 1.06 for (d). Runs taken while other work shared the machine
+for (c) and 1.05 to 1.06 for (d). A seventh run (2026-12-01, after that
+night's robustness fixes; load average 0.1, yet every server 4 to 10% slower
+per request than the evening before) gave 1.08, 1.04, 1.09 and 1.08; the
+tables below are still the sixth run's. Alternating runs of the code before
+and after those fixes, taken right after the seventh run, differed by under
+1% (5.56 against 5.59 us per request with 50 connections, 17.8 against 18.1
+under churn), so the fixes are not what moved. Runs taken while other work shared the machine
 (2026-11-25) gave 0.75 to 1.05: a busy machine costs uvloop more than mpxd
 (its batches per wake-up get smaller), so compare runs taken together, and
 look at the waiting table before trusting req/s.
