@@ -142,14 +142,52 @@ def load_script(path: str, interruptible: bool = True) -> Handlers:
     except ValueError as e:  # NUL bytes, in older Pythons
         raise ScriptError(f"{path}: cannot compile: {e} (not Python source?)") from None
 
+    directory = os.path.dirname(path)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    # What scripts from this directory imported from beside them is imported
+    # afresh, so that a HUP reload picks up an edited helper as a restart
+    # would, not only an edited script.  A failed load puts them back.
+    taken = {name: sys.modules.pop(name) for name in _helpers.get(directory, ())
+             if name in sys.modules}
+    before = set(sys.modules)
+    try:
+        handlers = _run_and_check(path, code, interruptible)
+    except BaseException:
+        for name in taken:
+            sys.modules.pop(name, None)
+        sys.modules.update(taken)   # the version still serving keeps its own
+        raise
+    _helpers[directory] = {name for name in sys.modules.keys() - before
+                           if _lives_in(name, directory)}
+    return handlers
+
+
+# script directory -> the modules its scripts imported from that directory
+_helpers: dict[str, set[str]] = {}
+
+
+def _lives_in(name: str, directory: str) -> bool:
+    """Whether module ``name`` is a ``NAME.py`` or ``NAME/`` package in ``directory``."""
+    top = sys.modules.get(name.partition(".")[0])
+    file = getattr(top, "__file__", None)
+    if not file or name.startswith("_mpxd_script_") or name.partition(".")[0] == "mpxd":
+        return False
+    file = os.path.abspath(file)
+    if os.path.basename(file) == "__init__.py":
+        file = os.path.dirname(file)
+    elif not file.endswith(".py"):          # compiled extensions cannot be re-imported
+        return False
+    return os.path.dirname(file) == directory
+
+
+def _run_and_check(path: str, code: types.CodeType, interruptible: bool) -> Handlers:
+    """Execute the compiled script as a new module and collect its handlers."""
     # A private, unique name: reloads and several scripts never collide, and
     # nothing the user imports can shadow it.
     name = f"_mpxd_script_{next(_load_counter)}"
     module = types.ModuleType(name)
     module.__file__ = path
-    directory = os.path.dirname(path)
-    if directory not in sys.path:
-        sys.path.insert(0, directory)
     sys.modules[name] = module
     try:
         _run_without_a_server(code, module)

@@ -188,6 +188,40 @@ def test_a_helper_module_beside_the_script_is_importable(tmp_path, write_script)
     assert s.response == "HEY!"
 
 
+def test_helpers_beside_the_script_are_imported_afresh_on_every_load(tmp_path, write_script):
+    # So a HUP reload picks up an edited helper, as a restart would.
+    helper = f"mpxd_test_helper_{uuid.uuid4().hex}"
+    package = f"mpxd_test_package_{uuid.uuid4().hex}"
+    (tmp_path / f"{helper}.py").write_text("WORD = 'one'\n")
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / package / "words.py").write_text("WORD = 'uno'\n")
+    path = write_script(f"import {helper}\nfrom {package} import words\n"
+                        "def handle_request(s):\n"
+                        f"    s.response = {helper}.WORD + ' ' + words.WORD\n")
+
+    def answer(handlers) -> str:
+        class Fake:
+            request, response = "", ""
+        s = Fake()
+        handlers.handle_request(s)
+        return s.response
+
+    first = load_script(path)
+    (tmp_path / f"{helper}.py").write_text("WORD = 'two'\n")
+    (tmp_path / package / "words.py").write_text("WORD = 'dos'\n")
+    second = load_script(path)
+    assert answer(second) == "two dos"
+    assert answer(first) == "one uno"           # the old version keeps its own
+
+    (tmp_path / f"{helper}.py").write_text("WORD = 'three'\n")
+    with open(path, "a") as f:
+        f.write("raise ValueError('broken version')\n")
+    load_error(path)
+    assert sys.modules[helper].WORD == "two"    # a failed load puts them back
+    assert sys.modules[f"{package}.words"] is second.module.words
+
+
 # ------------------------------------------------------------------ --check
 
 def run_cli(*args: str):

@@ -338,6 +338,22 @@ def test_hup_with_a_broken_script_keeps_the_old_one_serving(daemon, recording, b
     assert d.stop() == 0
 
 
+def test_hup_reloads_the_helper_modules_beside_the_script_too(daemon, tmp_path):
+    (tmp_path / "words.py").write_text("GREETING = 'hello'\n")
+    script = tmp_path / "greeter.py"
+    script.write_text("import words\n"
+                      "def handle_request(s):\n"
+                      "    s.response = words.GREETING + ' ' + s.request\n")
+    d = daemon(str(script))
+    client = d.connect()
+    assert client.ask("ann") == "hello ann"
+    (tmp_path / "words.py").write_text("GREETING = 'goodbye'\n")
+    d.signal(signal.SIGHUP)
+    d.expect_log(r"reloaded")
+    assert client.ask("bob") == "goodbye bob"
+    assert d.stop() == 0
+
+
 def test_hup_during_drain_is_ignored(daemon, recording):
     script, calls_path = recording
     d = daemon(script, "--drain-timeout", "60")
