@@ -158,8 +158,8 @@ def load_script(path: str, interruptible: bool = True) -> Handlers:
             sys.modules.pop(name, None)
         sys.modules.update(taken)   # the version still serving keeps its own
         raise
-    _helpers[directory] = {name for name in sys.modules.keys() - before
-                           if _lives_in(name, directory)}
+    _helpers.setdefault(directory, set()).update(
+        name for name in sys.modules.keys() - before if _lives_in(name, directory))
     return handlers
 
 
