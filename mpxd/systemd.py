@@ -55,7 +55,10 @@ class Notifier:
         if self._sock is None:
             return
         try:
-            self._sock.sendto("\n".join(fields).encode(), self.address)
+            # Never wait: a wedged receiver must not stall the loop (a lost
+            # WATCHDOG=1 costs less than a loop stuck in sendto).
+            self._sock.sendto("\n".join(fields).encode(), socket.MSG_DONTWAIT,
+                              self.address)
         except OSError as e:
             log.debug("sd_notify failed: %s", e)
 

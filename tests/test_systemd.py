@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 
 import pytest
@@ -124,6 +125,22 @@ def test_notifier_without_notify_socket_does_nothing(monkeypatch):
 def test_notifier_survives_a_vanished_socket(tmp_path):
     notifier = Notifier(str(tmp_path / "gone"))
     notifier.ready()                                 # logged at debug, no exception
+    notifier.close()
+
+
+def test_notifier_never_waits_for_a_receiver_that_does_not_read(systemd):
+    # A blocking sendto stalled the whole loop (or the --workers parent)
+    # once the receiver's buffer was full.
+    notifier = Notifier(systemd.path)
+
+    def flood() -> None:
+        for _ in range(100_000):
+            notifier.watchdog()                 # nobody reads: the buffer fills up
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    sender.join(10)
+    assert not sender.is_alive(), "a send blocked"
+    assert systemd.receive() == {"WATCHDOG": "1"}
     notifier.close()
 
 
