@@ -22,7 +22,10 @@ The parent never runs handler code.  It
   files on USR1); on TERM/INT it waits for the workers to drain and exit,
   kills those still there ``--drain-timeout`` + 5 s later, removes the
   pidfile and exits 0 if every worker exited cleanly;
-* holds the pidfile; the workers hold the port.
+* holds the pidfile; the workers hold the port;
+* under a systemd watchdog, sends ``WATCHDOG=1`` only while every ready
+  worker's loop sends it a heartbeat on that pipe: a worker blocked by a
+  handler gets the service restarted, as a blocked single process does.
 
 Sockets passed by systemd (``LISTEN_FDS``) are inherited by every worker
 instead: one shared listening socket, no ``SO_REUSEPORT``.
@@ -84,7 +87,7 @@ class Worker:
     """One worker slot: its number stays, its process changes on restart."""
 
     __slots__ = ("number", "pid", "status_fd", "ready", "started", "young_deaths",
-                 "message")
+                 "message", "last_beat")
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -94,6 +97,7 @@ class Worker:
         self.started = 0.0
         self.young_deaths = 0               # deaths in a row, each soon after start
         self.message = ""                   # what the worker wrote on its pipe
+        self.last_beat = 0.0                # when it last said "alive" (watchdog)
 
     @property
     def name(self) -> str:
@@ -163,6 +167,7 @@ class Supervisor:
         self.announced = False          # "listening on" logged, READY=1 sent
         self.stopping = False
         self.failure = ""               # why start-up failed, if it did
+        self.watchdog_held = False      # a silent worker stopped the WATCHDOG=1 pings
         self.unclean = False            # a worker exited badly during shutdown
 
     # ------------------------------------------------------------ running
@@ -178,7 +183,7 @@ class Supervisor:
             if self.notifier.enabled:
                 self._every(STATUS_INTERVAL, self._report_status)
                 if self.notifier.watchdog_interval:
-                    self._every(self.notifier.watchdog_interval, self.notifier.watchdog)
+                    self._every(self.notifier.watchdog_interval, self._watchdog)
             while not (self.stopping and self._alive() == 0):
                 self._wait()
         finally:
@@ -292,9 +297,13 @@ class Supervisor:
                 data = b""
             if not data:
                 break
+            if worker.ready:                # "alive" heartbeats
+                worker.last_beat = time.monotonic()
+                continue
             worker.message += data.decode("utf-8", "replace")
-            if worker.message.startswith("ready") and not worker.ready:
+            if worker.message.startswith("ready"):
                 worker.ready = True
+                worker.last_beat = time.monotonic()
                 if self.announced:
                     log.info("%s ready", worker.name)
         self.poller.unregister(fd)
@@ -413,7 +422,8 @@ class Supervisor:
             os.setpgid(0, 0)
             code = _serve_as_worker(self.config, worker.number, status_fd,
                                     self.held if self.shared else None, self.port,
-                                    self.reopen_logs, parent)
+                                    self.reopen_logs, parent,
+                                    heartbeat=self.notifier.watchdog_interval)
         except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
             try:
                 log.error("worker %d failed:\n%s", worker.number, traceback.format_exc().rstrip())
@@ -435,11 +445,32 @@ class Supervisor:
     def _report_status(self) -> None:
         self.notifier.status(self._status_text())
 
+    def _watchdog(self) -> None:
+        """``WATCHDOG=1``, unless a ready worker's loop has stopped sending heartbeats."""
+        interval = self.notifier.watchdog_interval or 0.0
+        now = time.monotonic()
+        silent = [w for w in self.workers
+                  if w.ready and w.pid is not None and now - w.last_beat > 1.5 * interval]
+        if not silent:
+            if self.watchdog_held:
+                log.info("every worker sends heartbeats again: watchdog pings resume")
+            self.watchdog_held = False
+            self.notifier.watchdog()
+        elif not self.watchdog_held:
+            self.watchdog_held = True
+            log.error("%s sent no heartbeat for %.1fs: its loop is blocked; not "
+                      "telling systemd's watchdog that the service is alive",
+                      ", ".join(w.name for w in silent), now - min(w.last_beat for w in silent))
+
 
 def _serve_as_worker(config: Config, number: int, status_fd: int,
                      shared: list[socket.socket] | None, port: int,
-                     reopen_logs, parent: int) -> int:
-    """A worker's life: bind, drop privileges, load the script, serve; exit status."""
+                     reopen_logs, parent: int, heartbeat: float | None = None) -> int:
+    """A worker's life: bind, drop privileges, load the script, serve; exit status.
+
+    ``heartbeat``: under a systemd watchdog, the pipe stays open after
+    "ready" and the loop writes "alive" on it every ``heartbeat`` seconds.
+    """
     try:
         listeners = shared or bind_listeners(config.hosts, port, config.backlog,
                                              reuse_port=True)
@@ -462,7 +493,10 @@ def _serve_as_worker(config: Config, number: int, status_fd: int,
     # Forwarded signals were blocked since the fork; now the loop handles them.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     # "ready" from the loop's first pass: on_start has run and it accepts.
-    core.call_later(0, _report, status_fd, "ready")
+    core.call_later(0, _report, status_fd, "ready", heartbeat is None)
+    if heartbeat is not None:
+        os.set_blocking(status_fd, False)   # a beat is dropped rather than wait
+        core.call_every(heartbeat, _beat, status_fd)
     try:
         loop.run()
     finally:
@@ -471,13 +505,22 @@ def _serve_as_worker(config: Config, number: int, status_fd: int,
     return 0
 
 
-def _report(fd: int, text: str) -> None:
+def _report(fd: int, text: str, close: bool = True) -> None:
     try:
         os.write(fd, (text + "\n").encode("utf-8", "replace"))
     except OSError:
         pass                            # the parent is gone; PDEATHSIG follows
     finally:
-        os.close(fd)
+        if close:
+            os.close(fd)
+
+
+def _beat(fd: int) -> None:
+    """The loop runs: tell the parent, for systemd's watchdog."""
+    try:
+        os.write(fd, b"alive\n")
+    except OSError:
+        pass
 
 
 def _die_with_parent(parent: int) -> None:

@@ -315,6 +315,38 @@ def test_watchdog_pings_come_from_the_loop(systemd, mpxd):
     assert m.wait() == 0
 
 
+def test_workers_withhold_watchdog_pings_while_a_worker_loop_is_blocked(
+        systemd, mpxd, tmp_path):
+    # The parent's loop never blocks; a worker's must count too, or a
+    # handler stuck for good under --workers is never restarted.
+    script = tmp_path / "block.py"
+    script.write_text("import time\n"
+                      "def handle_request(s):\n"
+                      "    time.sleep(float(s.request))\n"
+                      "    s.response = 'woke'\n")
+    m = mpxd(["--workers", "2", "--port", "0", "--host", "127.0.0.1", str(script)],
+             env={"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": "400000"})
+    port = m.wait_listening()
+    assert systemd.receive_until("READY")[-1]["READY"] == "1"
+    assert systemd.receive() == {"WATCHDOG": "1"}
+    client = LineClient(("127.0.0.1", port))
+    client.send_lines("2")                      # one worker sleeps for 2 s
+    blocked_at = time.monotonic()
+    pings = []
+    while time.monotonic() - blocked_at < 3.5:
+        if systemd.receive().get("WATCHDOG") == "1":
+            pings.append(time.monotonic() - blocked_at)
+    assert client.readline() == "woke"
+    gaps = [b - a for a, b in zip([0.0] + pings, pings)]
+    assert max(gaps) > 1.2, pings               # none while the worker was blocked
+    assert pings[-1] > 2.5, pings               # and again once it woke
+    m.wait_for(r"ERROR worker \d \(pid \d+\) sent no heartbeat for [\d.]+s: its loop is "
+               r"blocked")
+    m.wait_for(r"every worker sends heartbeats again")
+    client.close()
+    assert m.stop() == 0
+
+
 def test_no_watchdog_pings_for_another_pid(systemd, mpxd):
     m = mpxd(["--port", "0", "--host", "127.0.0.1", COUNTER],
              env={"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": "100000",
