@@ -529,6 +529,7 @@ class Core:
 
     def set_idle_timeout(self, s: Session, seconds: float | None) -> None:
         """Close ``s`` after ``seconds`` without input (``None``: never)."""
+        self.check_thread("set_idle_timeout")
         if seconds is not None and seconds != seconds:
             raise ValueError("set_idle_timeout needs seconds or None, not nan")
         if s._idle_timer is not None:
@@ -567,6 +568,7 @@ class Core:
         holds that session open after the peer's EOF until it is delivered,
         so ``then`` can still answer a client that half-closed.
         """
+        self.check_thread("run_in_thread")     # from a job: start the next from then
         if self._executor is None:
             # Daemon threads: a job that never returns must not keep a
             # stopped daemon from exiting (ThreadPoolExecutor's threads are

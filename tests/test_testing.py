@@ -442,7 +442,8 @@ refusals = []
 def handle_request(s):
     def from_a_thread():
         for call in (lambda: mpxd.send_response(s), lambda: mpxd.close_session(s),
-                     lambda: mpxd.call_later(1, print)):
+                     lambda: mpxd.call_later(1, print), lambda: mpxd.call_every(1, print),
+                     lambda: mpxd.run_in_thread(print), lambda: s.set_idle_timeout(5)):
             try:
                 call()
             except RuntimeError as e:
@@ -455,7 +456,8 @@ def handle_request(s):
     c = h.connect()
     assert c.send("go") == ["done"] and not c.closed
     assert [r.split(" called")[0] for r in h.module.refusals] == \
-        ["send_response", "close_session", "call_later"]
+        ["send_response", "close_session", "call_later", "call_every", "run_in_thread",
+         "set_idle_timeout"]
     assert "call_soon_threadsafe" in h.module.refusals[0]
 
 
