@@ -460,7 +460,6 @@ class Harness:
         keeps serving, as in the daemon.
         """
         self._check_running()
-        core_module._current = self.core
         path = self.core.handlers.path
         handlers = load_script(path)
         if self.core.reload(handlers) is False:
