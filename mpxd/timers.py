@@ -4,7 +4,9 @@
 drain deadline all live here.  The loop asks ``next_deadline()`` for its poll
 timeout and calls ``run_due(now)``; the test kit does the same with a fake
 clock.  Cancelled timers stay in the heap until they reach the top (lazy
-deletion): cancelling is O(1) and the heap never needs re-sorting.
+deletion): cancelling is O(1).  Once they are more than half the heap, it
+is rebuilt without them, so that a handler that keeps replacing a distant
+timer (``EXPIRE key 3600`` again and again) cannot grow it without bound.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ __all__ = ["Timer", "TimerHeap"]
 class Timer:
     """A scheduled call; ``cancel()`` stops it (and every later repetition)."""
 
-    __slots__ = ("when", "interval", "callback", "args", "cancelled", "_seq")
+    __slots__ = ("when", "interval", "callback", "args", "cancelled", "_seq", "_heap")
 
     def __init__(self, when: float, callback: Callable[..., Any], args: tuple,
                  interval: float | None, seq: int) -> None:
@@ -29,10 +31,14 @@ class Timer:
         self.args = args
         self.cancelled = False
         self._seq = seq
+        self._heap: TimerHeap | None = None     # the heap holding it, while one does
 
     def cancel(self) -> None:
         """Stop this timer; harmless if it already ran or was cancelled."""
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            if self._heap is not None:
+                self._heap._cancelled_one()
 
     def __lt__(self, other: Timer) -> bool:
         return (self.when, self._seq) < (other.when, other._seq)
@@ -47,9 +53,12 @@ class Timer:
 class TimerHeap:
     """Timers ordered by due time; runs due ones through ``run``."""
 
+    COMPACT_FROM = 64       # cancelled timers: below this, never worth a rebuild
+
     def __init__(self) -> None:
         self._heap: list[Timer] = []
         self._seq = itertools.count()
+        self._dead = 0          # cancelled timers still in the heap
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -57,14 +66,24 @@ class TimerHeap:
     def add(self, when: float, callback: Callable[..., Any], args: tuple = (),
             interval: float | None = None) -> Timer:
         timer = Timer(when, callback, args, interval, next(self._seq))
+        timer._heap = self
         heapq.heappush(self._heap, timer)
         return timer
+
+    def _cancelled_one(self) -> None:
+        self._dead += 1
+        heap = self._heap
+        if self._dead >= self.COMPACT_FROM and 2 * self._dead > len(heap):
+            heap[:] = [timer for timer in heap if not timer.cancelled]   # same list:
+            heapq.heapify(heap)         # run_due may hold it while callbacks cancel
+            self._dead = 0
 
     def next_deadline(self) -> float | None:
         """When the earliest live timer is due, or ``None`` without timers."""
         heap = self._heap
         while heap and heap[0].cancelled:
-            heapq.heappop(heap)
+            heapq.heappop(heap)._heap = None
+            self._dead -= 1
         return heap[0].when if heap else None
 
     def run_due(self, now: float, run: Callable[[Timer], None]) -> None:
@@ -80,6 +99,8 @@ class TimerHeap:
         while heap and heap[0].when <= now:
             timer = heapq.heappop(heap)
             if timer.cancelled:
+                self._dead -= 1
+                timer._heap = None
                 continue
             if timer.interval is not None:
                 # Keep to the original schedule; after a stall longer than
@@ -89,6 +110,8 @@ class TimerHeap:
                     timer.when = now + timer.interval
                 timer._seq = next(self._seq)
                 heapq.heappush(heap, timer)
+            else:
+                timer._heap = None      # out of the heap: a late cancel counts nothing
             due.append(timer)
         for timer in due:
             if not timer.cancelled:

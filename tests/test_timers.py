@@ -309,3 +309,34 @@ def handle_request(s):
 """))
     assert wait_until(marker.exists)
     assert d.connect().ask("ping") == "pong"
+
+
+def test_cancelled_timers_do_not_pile_up():
+    # kv.py's EXPIRE cancels a key's timer and starts another: a client
+    # repeating "EXPIRE k 3600" used to grow the heap by one per line, for
+    # an hour, since cancelled timers left it only on reaching the top.
+    heap = TimerHeap()
+    keeper = heap.add(5.0, lambda: "keeper")
+    timer = heap.add(3600.0, lambda: "expire k")
+    for _ in range(10_000):
+        timer.cancel()
+        timer = heap.add(3600.0, lambda: "expire k")
+    assert len(heap) < 2 * TimerHeap.COMPACT_FROM + 2
+    keeper.cancel()
+    assert heap.next_deadline() == 3600.0
+    assert _run(heap, 3600.0) == ["expire k"]
+    assert len(heap) == 0 and heap.next_deadline() is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 50), st.booleans()), max_size=400))
+def test_rebuilding_the_heap_keeps_every_live_timer_in_order(plan):
+    heap = TimerHeap()
+    live = []
+    for when, cancel in plan:
+        timer = heap.add(float(when), lambda value=(when, len(live)): value)
+        if cancel:
+            timer.cancel()
+        else:
+            live.append((when, len(live)))
+    assert _run(heap, 50.0) == sorted(live)
