@@ -12,6 +12,7 @@ cause in one line; the CLI prints it and exits 1.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import os
@@ -67,7 +68,11 @@ def _refuse_deferred(path: str, name: str, fn: Callable) -> None:
     mpxd calls a handler and reads ``s.response`` when it returns; calling
     either kind only makes a coroutine or generator object, so the code
     inside would silently never run (asyncio users write ``async def``).
+    A callable object is judged by its ``__call__``.
     """
+    if not inspect.isroutine(fn) and not isinstance(fn, functools.partial):
+        fn = getattr(type(fn), "__call__", fn)
+        name += ".__call__"
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         raise ScriptError(f"{path}: {name} is an async def; mpxd calls handlers "
                           f"directly and never awaits them: write a plain def "

@@ -146,6 +146,30 @@ def test_a_compiled_file_is_not_taken_for_source(tmp_path):
     assert "line None" not in message
 
 
+@pytest.mark.parametrize("call, said", [
+    ("async def __call__(self, s):\n        pass", "handle_request.__call__ is an async def"),
+    ("def __call__(self, s):\n        yield", "handle_request.__call__ is a generator"),
+])
+def test_a_callable_object_that_would_never_run_is_refused(write_script, call, said):
+    message = load_error(write_script(f"class Handler:\n    {call}\n"
+                                      "handle_request = Handler()\n"))
+    assert said in message and "plain def" in message
+
+
+def test_callable_objects_and_partials_that_run_are_accepted(write_script):
+    handlers = load_script(write_script(
+        "import functools\n"
+        "class Handler:\n"
+        "    def __call__(self, s):\n"
+        "        s.response = 'object'\n"
+        "def opened(greeting, s):\n"
+        "    s.response = greeting\n"
+        "handle_request = Handler()\n"
+        "handle_open = functools.partial(opened, 'hi')\n"
+        "handle_close = print\n"))
+    assert callable(handlers.handle_request) and handlers.handle_close is print
+
+
 def test_a_timer_started_at_import_is_refused_with_where_to_start_it(write_script):
     message = load_error(write_script("import mpxd\nmpxd.call_every(1, print)\n"
                                       "def handle_request(s): pass\n"))
