@@ -124,6 +124,9 @@ def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller
     Signals: TERM/INT drain and stop, HUP reloads SCRIPT, USR1 reopens logs.
     Every option can also be set as MPXD_<OPTION>, e.g. MPXD_PORT=47110.
     """
+    if any(not host.strip() for host in hosts):
+        raise click.UsageError("--host needs an address (0.0.0.0 or :: for all "
+                               "interfaces)")
     if check:
         try:
             load_script(script)

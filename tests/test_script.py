@@ -302,7 +302,8 @@ def test_a_broken_script_stops_start_up_with_exit_1(write_script):
     ["--max-line", "0"], ["--idle-timeout", "-1"], ["--no-such-option"],
     ["--idle-timeout", "nan"], ["--idle-timeout", "inf"], ["--drain-timeout", "nan"],
     ["--drain-timeout", "inf"], ["--max-rate", "nan"], ["--max-rate", "inf"],
-    ["--max-rate", "-1"], ["--tls-handshake-timeout", "inf"],
+    ["--max-rate", "-1"], ["--tls-handshake-timeout", "inf"], ["--host", ""],
+    ["--host", "127.0.0.1", "--host", " "],
 ])
 def test_a_bad_option_value_is_a_usage_error(args):
     # --check: with good values this exits 0 (no --port needed, no server
