@@ -7,11 +7,13 @@ stderr, never a traceback.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
 import sys
-from typing import Any
+import threading
+from typing import Any, Callable, NoReturn
 
 import click
 
@@ -131,9 +133,10 @@ def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller
         try:
             load_script(script)
         except ScriptError as e:
-            raise click.ClickException(str(e)) from None
+            click.echo(f"Error: {e}", err=True)
+            _exit(1, lambda text: click.echo(f"mpxd: {text}", err=True))
         click.echo(f"{os.path.abspath(script)}: ok")
-        return
+        _exit(0, lambda text: click.echo(f"mpxd: {text}", err=True))
 
     high_water, low_water = water_marks(max_output)
     config = Config(
@@ -157,7 +160,28 @@ def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller
                                "(LISTEN_FDS); say where to listen, e.g. --port 47110")
     if workers > 1:
         sys.exit(supervise(config, inherited, workers))
-    sys.exit(run(config, inherited))
+    _exit(run(config, inherited), log.warning)
+
+
+def _exit(code: int, warn: Callable[[str], Any]) -> NoReturn:
+    """Exit with ``code``, without waiting for threads the script started.
+
+    At exit Python waits for every thread not marked daemon: one the script
+    started at import (a poller, say) kept ``--check`` from returning, and
+    the daemon running after it logged "stopped" and let its pidfile go.
+    """
+    stray = [t.name for t in threading.enumerate()
+             if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not stray:
+        sys.exit(code)
+    warn(f"not waiting for {len(stray)} thread(s) the script started "
+         f"({', '.join(stray)}): start them with daemon=True, or end them in on_stop")
+    atexit._run_exitfuncs()         # what a normal exit runs after joining threads
+    for handler in log.handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run(config: Config, inherited: list) -> int:

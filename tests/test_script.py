@@ -370,3 +370,40 @@ def test_python_dash_m_mpxd_is_the_same_command():
     result = subprocess.run([*MPXD, "--version"], capture_output=True, text=True,
                             timeout=30, cwd=ROOT)
     assert result.returncode == 0 and mpxd.__version__ in result.stdout
+
+
+# ------------------------------------------- threads the script leaves running
+
+STRAY_THREAD = """
+import threading, time
+
+def poll_forever():
+    while True:
+        time.sleep(0.1)
+
+threading.Thread(target=poll_forever, name="poller").start()   # not daemon=True
+
+def handle_request(s):
+    s.response = "ok"
+"""
+
+
+def test_check_does_not_wait_for_a_thread_the_script_started(write_script):
+    # Python waits at exit for every non-daemon thread: --check said "ok"
+    # and then never returned.
+    path = write_script(STRAY_THREAD)
+    result = subprocess.run([*MPXD, "--check", path], capture_output=True, text=True,
+                            timeout=20, cwd=ROOT)
+    assert result.returncode == 0
+    assert f"{path}: ok" in result.stdout
+    assert "not waiting for 1 thread(s) the script started (poller)" in result.stderr
+
+
+def test_the_daemon_exits_on_term_despite_a_thread_the_script_started(mpxd, write_script):
+    # It used to log "stopped", let its pidfile go, and run on until killed.
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", write_script(STRAY_THREAD)])
+    m.wait_listening()
+    assert m.stop(timeout=10) == 0
+    log = m.stderr()
+    assert log.index("INFO stopped") < log.index(
+        "WARNING not waiting for 1 thread(s) the script started (poller)")
