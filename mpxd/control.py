@@ -322,11 +322,10 @@ class ControlServer:
         if self.loop.draining:
             raise UsageError("not reloading: the daemon is shutting down")
         log.info("control (%s): reload", s.peer)
-        before = self.main.reloads
-        self.loop.handle_hup()
-        if self.main.reloads == before:
-            raise UsageError("reload failed; the previous version keeps running "
-                             "(the daemon's log says why)")
+        failure = self.loop.handle_hup()
+        if failure is not None:
+            raise UsageError(f"reload failed, the previous version keeps running: "
+                             f"{failure}")
         return f"OK reloaded {self.main.handlers.path}"
 
     def cmd_drain(self, s: Session, args: list[str]) -> str:

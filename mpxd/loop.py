@@ -469,12 +469,15 @@ class Loop:
 
     handle_int = handle_term
 
-    def handle_hup(self) -> None:
-        """Reload the script; keep the old one if the new one is broken."""
+    def handle_hup(self) -> str | None:
+        """Reload the script; keep the old one if the new one is broken.
+
+        Returns why the reload failed (for ``mpxctl reload``), or None.
+        """
         path = self.core.handlers.path
         if self.draining:
             log.info("not reloading %s: shutting down", path)
-            return
+            return "not reloading: the daemon is shutting down"
         log.info("reloading %s", path)
         self.notifier.reloading()
         for hook in self.reload_hooks:      # TLS certificates
@@ -482,16 +485,16 @@ class Loop:
         try:
             handlers = load_script(path, interruptible=False)
         except ScriptError as e:
-            log.error("reload failed, still serving the previous version: %s", e)
-            self.notifier.ready(f"reload failed: {e}; {self._status_text()}")
-            return
-        if not self.core.reload(handlers):
-            log.error("reload failed, still serving the previous version: "
-                      "on_reload raised (traceback above)")
-            self.notifier.ready(f"reload failed: on_reload raised; {self._status_text()}")
-            return
-        log.info("reloaded %s", path)
-        self.notifier.ready(self._status_text())
+            failure = str(e)
+        else:
+            if self.core.reload(handlers):
+                log.info("reloaded %s", path)
+                self.notifier.ready(self._status_text())
+                return None
+            failure = "on_reload raised (its traceback is in the log)"
+        log.error("reload failed, still serving the previous version: %s", failure)
+        self.notifier.ready(f"reload failed: {failure}; {self._status_text()}")
+        return failure
 
     def handle_usr1(self) -> None:
         """Reopen log files (after logrotate moved them)."""
