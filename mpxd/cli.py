@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import threading
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import click
 
@@ -130,13 +130,14 @@ def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller
         raise click.UsageError("--host needs an address (0.0.0.0 or :: for all "
                                "interfaces)")
     if check:
+        setup_logging("warning")    # what loading the script warns about
         try:
             load_script(script)
         except ScriptError as e:
             click.echo(f"Error: {e}", err=True)
-            _exit(1, lambda text: click.echo(f"mpxd: {text}", err=True))
+            _exit(1)
         click.echo(f"{os.path.abspath(script)}: ok")
-        _exit(0, lambda text: click.echo(f"mpxd: {text}", err=True))
+        _exit(0)
 
     high_water, low_water = water_marks(max_output)
     config = Config(
@@ -160,10 +161,10 @@ def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller
                                "(LISTEN_FDS); say where to listen, e.g. --port 47110")
     if workers > 1:
         sys.exit(supervise(config, inherited, workers))
-    _exit(run(config, inherited), log.warning)
+    _exit(run(config, inherited))
 
 
-def _exit(code: int, warn: Callable[[str], Any]) -> NoReturn:
+def _exit(code: int) -> NoReturn:
     """Exit with ``code``, without waiting for threads the script started.
 
     At exit Python waits for every thread not marked daemon: one the script
@@ -174,8 +175,8 @@ def _exit(code: int, warn: Callable[[str], Any]) -> NoReturn:
              if t is not threading.main_thread() and not t.daemon and t.is_alive()]
     if not stray:
         sys.exit(code)
-    warn(f"not waiting for {len(stray)} thread(s) the script started "
-         f"({', '.join(stray)}): start them with daemon=True, or end them in on_stop")
+    log.warning("not waiting for %d thread(s) the script started (%s): start them "
+                "with daemon=True, or end them in on_stop", len(stray), ", ".join(stray))
     atexit._run_exitfuncs()         # what a normal exit runs after joining threads
     for handler in log.handlers:
         handler.flush()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import logging
 import os
 import pwd
 import sys
@@ -22,6 +23,8 @@ import traceback
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
+
+log = logging.getLogger("mpxd")
 
 __all__ = ["ScriptError", "Handlers", "load_script"]
 
@@ -148,6 +151,13 @@ def load_script(path: str, interruptible: bool = True) -> Handlers:
         raise ScriptError(f"{path}: cannot compile: {e} (not Python source?)") from None
 
     directory = os.path.dirname(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if stem in sys.stdlib_module_names:
+        # Its directory goes first on sys.path: "import csv", here or in any
+        # library imported later, finds this file instead of the real module.
+        log.warning("%s has the name of the standard library module %s: "
+                    "'import %s' (in the script or any library) may load this "
+                    "file instead; rename it", path, stem, stem)
     if directory not in sys.path:
         sys.path.insert(0, directory)
     # What scripts from this directory imported from beside them is imported

@@ -407,3 +407,21 @@ def test_the_daemon_exits_on_term_despite_a_thread_the_script_started(mpxd, writ
     log = m.stderr()
     assert log.index("INFO stopped") < log.index(
         "WARNING not waiting for 1 thread(s) the script started (poller)")
+
+
+def test_a_script_named_like_a_standard_module_is_warned_about(tmp_path):
+    # csv.py doing "import csv" imported itself (its directory comes first on
+    # sys.path), passed --check, and failed on every request.
+    script = tmp_path / "csv.py"
+    script.write_text("import csv\n"
+                      "def handle_request(s):\n"
+                      "    s.response = ','.join(next(csv.reader([s.request])))\n")
+    result = subprocess.run([*MPXD, "--check", str(script)], capture_output=True,
+                            text=True, timeout=20, cwd=ROOT)
+    assert result.returncode == 0
+    assert (f"WARNING {script} has the name of the standard library module csv: "
+            f"'import csv' (in the script or any library) may load this file instead; "
+            f"rename it") in result.stderr
+    plain = subprocess.run([*MPXD, "--check", COUNTER], capture_output=True, text=True,
+                           timeout=20, cwd=ROOT)
+    assert plain.returncode == 0 and plain.stderr == ""
