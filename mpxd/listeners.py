@@ -80,6 +80,10 @@ def _bind_one(host: str, resolved: tuple[socket.AddressFamily, int, tuple], port
         if e.errno == errno.EADDRINUSE:
             raise ListenError(f"cannot listen on {shown}: address already in use "
                               f"(is another mpxd or another server running there?)") from None
+        if e.errno == errno.EACCES and 0 < port < 1024:
+            raise ListenError(f"cannot listen on {shown}: {e.strerror} (ports below 1024 "
+                              f"need root: start as root with --user, or let systemd "
+                              f"bind the port)") from None
         raise ListenError(f"cannot listen on {shown}: {e.strerror}") from None
     return sock
 

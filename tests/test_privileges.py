@@ -152,6 +152,22 @@ def test_a_script_the_user_cannot_read_names_the_user(mpxd, tmp_path):
     assert f"{script}: cannot read as user nobody: Permission denied" in m.stderr()
 
 
+def test_a_low_port_without_root_says_how_to_get_one():
+    port = free_privileged_port()
+    result = in_child(f"""
+        import encodings.idna   # getaddrinfo needs it; nobody cannot read root's Python
+        from mpxd.listeners import ListenError, bind_listeners
+        drop_privileges("nobody", None)
+        try:
+            bind_listeners(["127.0.0.1"], {port}, 16)
+        except ListenError as e:
+            print(e)
+    """)
+    assert result.stdout.strip() == (
+        f"cannot listen on 127.0.0.1:{port}: Permission denied (ports below 1024 need "
+        f"root: start as root with --user, or let systemd bind the port)"), result.stderr
+
+
 def test_numeric_ids_are_accepted():
     child = in_child("""
         drop_privileges(str(UID), str(GID))
