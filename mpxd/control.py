@@ -11,7 +11,7 @@ The protocol: one command per line; the answer is zero or more data lines
 and then one status line, ``OK`` (perhaps followed by text) or
 ``ERROR reason``.  Data lines never begin with ``OK`` or ``ERROR``.
 
-    stats           key value lines: pid, version, state, uptime,
+    stats, status   key value lines: pid, version, state, uptime,
                     connections, connections_total, requests, bytes_in,
                     bytes_out, errors, reloads, the access, TLS and rate
                     figures in use, and one "listener ADDRESS open=N total=N"
@@ -60,7 +60,8 @@ CONTROL_CONFIG = Config(script="<control>", max_line=4096, idle_timeout=None,
 
 
 HELP = [
-    "stats            figures: uptime, connections, requests, bytes, errors, ...",
+    "stats            figures: uptime, connections, requests, bytes, errors, ... "
+    "(also: status)",
     "sessions         one line per open session: ID PEER age idle requests queued",
     "kill ID          close session ID now, dropping its queued output",
     "reload           reload the script and TLS certificates, as HUP does",
@@ -130,7 +131,8 @@ class ControlServer:
         self.conns: dict[int, Session] = {}
         self.soft_draining = False
         self.commands: dict[str, Callable[[Session, list[str]], str]] = {
-            "stats": self.cmd_stats, "sessions": self.cmd_sessions,
+            "stats": self.cmd_stats, "status": self.cmd_stats,   # as mpxctl names it
+            "sessions": self.cmd_sessions,
             "kill": self.cmd_kill, "reload": self.cmd_reload,
             "drain": self.cmd_drain, "stop": self.cmd_stop,
             "log-level": self.cmd_log_level, "help": self.cmd_help,

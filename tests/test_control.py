@@ -226,6 +226,8 @@ def test_unknown_commands_and_help(served):
     lines, _ = ask(d.control, "help")
     assert [line.split()[0] for line in lines] == [
         "stats", "sessions", "kill", "reload", "drain", "stop", "log-level", "help"]
+    # "mpxctl status" asks "stats"; by hand through nc, "status" works as well
+    assert ask(d.control, "status")[0][0].startswith("pid ")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
