@@ -12,6 +12,7 @@ cause in one line; the CLI prints it and exits 1.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import itertools
@@ -22,7 +23,7 @@ import sys
 import traceback
 import types
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger("mpxd")
 
@@ -150,7 +151,15 @@ def load_script(path: str, interruptible: bool = True) -> Handlers:
     except ValueError as e:  # NUL bytes, in older Pythons
         raise ScriptError(f"{path}: cannot compile: {e} (not Python source?)") from None
 
+    _warn_if_named_like_the_standard_library(path)
     directory = os.path.dirname(path)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    with _helpers_imported_afresh(directory):
+        return _run_and_check(path, code, interruptible)
+
+
+def _warn_if_named_like_the_standard_library(path: str) -> None:
     stem = os.path.splitext(os.path.basename(path))[0]
     if stem in sys.stdlib_module_names:
         # Its directory goes first on sys.path: "import csv", here or in any
@@ -158,24 +167,28 @@ def load_script(path: str, interruptible: bool = True) -> Handlers:
         log.warning("%s has the name of the standard library module %s: "
                     "'import %s' (in the script or any library) may load this "
                     "file instead; rename it", path, stem, stem)
-    if directory not in sys.path:
-        sys.path.insert(0, directory)
-    # What scripts from this directory imported from beside them is imported
-    # afresh, so that a HUP reload picks up an edited helper as a restart
-    # would, not only an edited script.  A failed load puts them back.
+
+
+@contextlib.contextmanager
+def _helpers_imported_afresh(directory: str) -> Iterator[None]:
+    """Let the load import afresh what scripts from ``directory`` imported from it.
+
+    So a HUP reload picks up an edited helper as a restart would, not only
+    an edited script.  If the load fails, the helpers go back into
+    ``sys.modules``: the version still serving keeps its own.
+    """
     taken = {name: sys.modules.pop(name) for name in _helpers.get(directory, ())
              if name in sys.modules}
     before = set(sys.modules)
     try:
-        handlers = _run_and_check(path, code, interruptible)
+        yield
     except BaseException:
         for name in taken:
             sys.modules.pop(name, None)
-        sys.modules.update(taken)   # the version still serving keeps its own
+        sys.modules.update(taken)
         raise
     _helpers.setdefault(directory, set()).update(
         name for name in sys.modules.keys() - before if _lives_in(name, directory))
-    return handlers
 
 
 # script directory -> the modules its scripts imported from that directory
