@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 __all__ = ["setup_logging", "reopen_log_files", "stderr_is_journal", "LEVELS",
            "log_fast", "start_batching", "stop_batching", "flush_batched", "lines_waiting"]
@@ -142,6 +142,7 @@ class LineBatching:
     batch: list[str]
     fast_format: Callable[[int, str], str] | None = None
     lock: threading.RLock
+    failing = ""            # why writes fail, from the first failure to the next success
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         self.batch = []
@@ -178,14 +179,36 @@ class LineBatching:
             text = "\n".join(self.batch) + "\n"
             self.batch.clear()
             try:
+                _write(stream, text)
+            except (OSError, ValueError) as e:
+                if not self.failing:
+                    self.write_failed(e)
+                self.failing = getattr(e, "strerror", None) or str(e)
+                return
+            if self.failing:        # mark the gap, now that it can be marked
+                because, self.failing = self.failing, ""
                 try:
-                    stream.write(text)
-                except UnicodeEncodeError:  # a strict stream: PYTHONIOENCODING=ascii:strict...
-                    encoding = getattr(stream, "encoding", None) or "utf-8"
-                    stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
-                stream.flush()
-            except (OSError, ValueError):
-                pass    # stderr gone (a closed pipe): nowhere left to say so
+                    _write(stream, self._gap_notice(because) + "\n")
+                except (OSError, ValueError):
+                    self.failing = because
+
+    def _gap_notice(self, because: str) -> str:
+        record = logging.LogRecord("mpxd", logging.WARNING, __file__, 0,
+                                   "log lines before this one may be missing: "
+                                   "writing them failed (%s)", (because,), None)
+        return self.format(record)          # type: ignore[attr-defined]
+
+    def write_failed(self, e: Exception) -> None:
+        """The first of a run of failed writes; stderr's handler has nowhere to say so."""
+
+
+def _write(stream: Any, text: str) -> None:
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:  # a strict stream: PYTHONIOENCODING=ascii:strict...
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+    stream.flush()
 
 
 class BatchingStreamHandler(LineBatching, logging.StreamHandler):
@@ -231,6 +254,15 @@ class ReopenableFileHandler(LineBatching, logging.FileHandler):
     """
 
     redirect_stdio = False
+
+    def write_failed(self, e: Exception) -> None:
+        # A full disk, say: tell stderr (the journal, or a terminal), once.
+        try:
+            print(f"mpxd: cannot write log file {self.baseFilename}: "
+                  f"{getattr(e, 'strerror', None) or e}; log lines are lost until "
+                  f"it can be written again", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass                # --daemon: stderr is that same file
 
     def reopen(self) -> None:
         """Open the path anew, then switch to it; on failure keep the old file."""

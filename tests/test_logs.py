@@ -7,6 +7,7 @@ session (peer, id, reason, duration, requests, bytes) and journald output.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import logging.handlers
@@ -126,6 +127,47 @@ def test_log_file_handler_reopens_after_a_rename(tmp_path):
     assert [line.split()[-1] for line in (tmp_path / "mpxd.log.1").read_text().splitlines()] \
         == ["one", "two"]
     assert path.read_text().split()[-1] == "three"
+
+
+class FullDisk:
+    """A log stream whose writes fail with ENOSPC while ``full`` is set."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.full, self.encoding = stream, False, "utf-8"
+
+    def write(self, text: str) -> int:
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def test_a_log_file_that_cannot_be_written_is_said_on_stderr_and_marked_after(
+        tmp_path, capsys):
+    # A full disk used to lose log lines without a word anywhere.
+    path = tmp_path / "mpxd.log"
+    [handler] = setup_logging("info", log_file=str(path))
+    disk = handler.stream = FullDisk(handler.stream)
+    log = logging.getLogger("mpxd")
+    log.warning("before")
+    disk.full = True
+    log.warning("lost one")
+    log.warning("lost two")
+    assert capsys.readouterr().err == (
+        f"mpxd: cannot write log file {path}: No space left on device; log lines "
+        f"are lost until it can be written again\n")          # once, not per line
+    disk.full = False
+    log.warning("after")
+    log.warning("later")
+    lines = [line.split(" WARNING ")[1] for line in path.read_text().splitlines()]
+    assert lines == ["before", "after", "log lines before this one may be missing: "
+                     "writing them failed (No space left on device)", "later"]
+    assert capsys.readouterr().err == ""
 
 
 def test_text_utf8_cannot_encode_is_escaped_not_lost(tmp_path):
