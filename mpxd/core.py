@@ -626,4 +626,5 @@ class Core:
 
     def sessions(self) -> Iterator[Session]:
         """The open sessions (a snapshot, safe to close sessions while iterating)."""
+        self.check_thread("sessions")      # the loop changes the dict meanwhile
         return iter([s for s in self.sessions_by_id.values() if not s.closed])

@@ -443,7 +443,8 @@ def handle_request(s):
     def from_a_thread():
         for call in (lambda: mpxd.send_response(s), lambda: mpxd.close_session(s),
                      lambda: mpxd.call_later(1, print), lambda: mpxd.call_every(1, print),
-                     lambda: mpxd.run_in_thread(print), lambda: s.set_idle_timeout(5)):
+                     lambda: mpxd.run_in_thread(print), lambda: s.set_idle_timeout(5),
+                     lambda: mpxd.sessions()):
             try:
                 call()
             except RuntimeError as e:
@@ -457,7 +458,7 @@ def handle_request(s):
     assert c.send("go") == ["done"] and not c.closed
     assert [r.split(" called")[0] for r in h.module.refusals] == \
         ["send_response", "close_session", "call_later", "call_every", "run_in_thread",
-         "set_idle_timeout"]
+         "set_idle_timeout", "sessions"]
     assert "call_soon_threadsafe" in h.module.refusals[0]
 
 
