@@ -344,12 +344,10 @@ class Core:
             self.dirty.append(s)
 
     def _handler_failed(self, s: Session, line: str, exc: BaseException) -> None:
-        self.errors_total += 1
         log.error("handle_request failed for session %d %s on request %s:\n%s",
                   s.id, format_peer(s.peer), shown_request(line),
                   "".join(traceback.format_exception(exc)).rstrip())
-        if self.errors is not None:
-            self.errors.append(("handle_request", s, exc))
+        self._count_error("handle_request", s, exc)
         s.response = ""
         self.request_close(s, "error")
 
@@ -365,10 +363,14 @@ class Core:
 
     def _user_code_failed(self, what: str, s: Session | None, exc: BaseException) -> None:
         """Log and count an error of user code other than ``handle_request``."""
-        self.errors_total += 1
         where = f" for session {s.id} {format_peer(s.peer)}" if s is not None else ""
         log.error("%s failed%s:\n%s", what, where,
                   "".join(traceback.format_exception(exc)).rstrip())
+        self._count_error(what, s, exc)
+
+    def _count_error(self, what: str, s: Session | None, exc: BaseException) -> None:
+        """Count an error of user code (logged by the caller); the harness keeps it."""
+        self.errors_total += 1
         if self.errors is not None:
             self.errors.append((what, s, exc))
 
@@ -431,11 +433,9 @@ class Core:
             try:
                 good.append((line + eol).encode("utf-8", "surrogateescape"))
             except UnicodeEncodeError as e:
-                self.errors_total += 1
                 log.error("session %d %s: cannot send the response %.80r: %s; "
                           "closing the session", s.id, format_peer(s.peer), response, e)
-                if self.errors is not None:
-                    self.errors.append(("response", s, e))
+                self._count_error("response", s, e)
                 self.request_close(s, "error")
                 break
         return b"".join(good)
@@ -597,12 +597,10 @@ class Core:
                 self._call_user(then, owner, f"the then callback of run_in_thread {name}",
                                 future.result() if exc is None else exc)
             elif exc is not None:       # nobody to hand it to: log it like a handler's
-                self.errors_total += 1
                 log.error("run_in_thread %s failed:\n%s",
                           getattr(fn, "__qualname__", repr(fn)),
                           "".join(traceback.format_exception(exc)).rstrip())
-                if self.errors is not None:
-                    self.errors.append(("run_in_thread", None, exc))
+                self._count_error("run_in_thread", None, exc)
         finally:
             self._handling = previous
             if owner is not None and owner._eof and not owner._jobs and \
