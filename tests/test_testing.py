@@ -1060,6 +1060,34 @@ def test_mpxd_server_runs_the_real_daemon(mpxd_server):
     assert "stopped" in server.log
 
 
+@pytest.mark.parametrize("options", [{"log_level": "warning"}, {"log_file": "mpxd.log"}])
+def test_mpxd_server_is_ready_when_the_log_says_nothing_on_stderr(
+        mpxd_server, tmp_path, monkeypatch, options):
+    # Readiness comes from READY=1 then; the "listening on" line never
+    # reaches stderr, which used to make start() wait out its timeout.
+    monkeypatch.chdir(tmp_path)
+    server = mpxd_server(os.path.join(ROOT, COUNTER), timeout=3, **options)
+    with server.client() as c:
+        assert c.ask("2") == "2"
+    assert "listening on" not in server.log
+    assert server.stop() == 0
+
+
+def test_mpxd_server_has_the_start_up_lines_by_the_time_it_returns(mpxd_server, write_script):
+    # It returns on READY=1 here; what mpxd wrote before that is in the log.
+    script = write_script("import logging\n"
+                          "logging.getLogger('mpxd').warning('said at import')\n" + ECHO)
+    server = mpxd_server(script, log_level="warning", env={"PYTHONUNBUFFERED": "1"})
+    assert "WARNING said at import" in server.log
+
+
+@pytest.mark.parametrize("args, options", [((), {"daemon": True}), (("-d",), {})])
+def test_mpxd_server_refuses_to_detach_the_daemon(mpxd_server, args, options):
+    # The launcher would exit at once and stop() would leave the daemon running.
+    with pytest.raises(TypeError, match="daemon.*foreground"):
+        mpxd_server(COUNTER, *args, **options)
+
+
 def test_mpxd_server_reports_a_script_that_does_not_load(mpxd_server, write_script):
     from mpxd.testing import ServerError
     with pytest.raises(ServerError, match="does not define handle_request"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import struct
@@ -64,23 +65,42 @@ class Server:
     @classmethod
     def start(cls, script: str, *args: str, timeout: float = 10.0,
               env: dict[str, str] | None = None, **options: Any) -> Server:
-        """Start ``mpxd`` for ``script`` with extra ``args``/``options``; wait until ready."""
+        """Start ``mpxd`` for ``script`` with extra ``args``/``options``; wait until ready.
+
+        Ready is the ``listening on 127.0.0.1:PORT`` log line or, whichever
+        comes first, systemd's ``READY=1`` on a notification socket of the
+        server's own: the log may go elsewhere (``log_file``, ``syslog``) or
+        leave INFO out (``log_level="warning"``).  An ``env`` that sets
+        ``NOTIFY_SOCKET`` keeps it, and then only the log line counts.
+        """
+        extra = [*cli_args(**options), *args]
+        if "--daemon" in extra or "-d" in extra:
+            raise TypeError("daemon: the test server runs in the foreground, so that "
+                            "it can be stopped; --daemon would detach it out of reach")
         command = [sys.executable, "-m", "mpxd", "--port", "0", "--host", "127.0.0.1",
-                   *cli_args(**options), *args, os.path.abspath(script)]
+                   *extra, os.path.abspath(script)]
+        environment = dict(os.environ, PYTHONUNBUFFERED="1")
+        environment.update(env or {})
+        notify = None
+        if not env or "NOTIFY_SOCKET" not in env:
+            notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            notify.bind("")                 # Linux picks an unused abstract address
+            environment["NOTIFY_SOCKET"] = "@" + notify.getsockname()[1:].decode()
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+            stderr=subprocess.PIPE, env=environment)
         log: list[str] = []
         log_changed = threading.Condition()
+        ready: list[str] = []               # the STATUS= of READY=1, once it came
         # Read stderr for the whole run: the log is there for the test, and
         # a full pipe must never block the daemon.
-        reader = threading.Thread(target=_read_log, args=(process, log, log_changed),
+        reader = threading.Thread(target=_watch, args=(process, notify, log, ready, log_changed),
                                   name=f"mpxd-log-{process.pid}", daemon=True)
         reader.start()
         deadline = time.monotonic() + timeout
         with log_changed:
             while True:
-                for line in log:
+                for line in log + ready:
                     match = LISTENING.search(line)
                     if match:
                         return cls(process, int(match.group(1)), log, log_changed, reader)
@@ -156,18 +176,62 @@ class Server:
         return self.returncode
 
 
-def _read_log(process: subprocess.Popen, log: list[str],
-              log_changed: threading.Condition) -> None:
+def _watch(process: subprocess.Popen, notify: socket.socket | None, log: list[str],
+           ready: list[str], log_changed: threading.Condition) -> None:
+    """Collect the daemon's stderr lines into ``log`` and READY=1's status into ``ready``.
+
+    mpxd writes its start-up lines before it sends READY=1, so stderr is
+    read first whenever either has news: a test that returns on READY=1
+    already finds the start-up lines in the log.
+    """
     assert process.stderr is not None
+    stderr = process.stderr.fileno()
+    os.set_blocking(stderr, False)
+    poller = select.poll()
+    poller.register(stderr, select.POLLIN)
+    if notify is not None:
+        notify.setblocking(False)
+        poller.register(notify, select.POLLIN)
+    partial = b""
     try:
-        for raw in iter(process.stderr.readline, b""):
+        while True:
+            poller.poll()
+            chunks, ended = _read_all_there_is(stderr)
+            *lines, partial = (partial + b"".join(chunks)).split(b"\n")
+            if ended and partial:           # a last line without its newline
+                lines.append(partial)
             with log_changed:
-                log.append(raw.decode("utf-8", "replace"))
+                log.extend(line.decode("utf-8", "replace") + "\n" for line in lines)
+                while notify is not None:
+                    try:
+                        fields = notify.recv(4096).decode("utf-8", "replace").split("\n")
+                    except BlockingIOError:
+                        break
+                    if "READY=1" in fields:
+                        ready.extend(f[7:] for f in fields if f.startswith("STATUS="))
                 log_changed.notify_all()
+            if ended:
+                break
     except (OSError, ValueError):      # the pipe was closed by stop()
         pass
-    with log_changed:
-        log_changed.notify_all()
+    finally:
+        if notify is not None:
+            notify.close()
+        with log_changed:
+            log_changed.notify_all()
+
+
+def _read_all_there_is(fd: int) -> tuple[list[bytes], bool]:
+    """What the pipe holds now, and whether it has ended (EOF)."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return chunks, False
+        if not chunk:
+            return chunks, True
+        chunks.append(chunk)
 
 
 class LineClient:
