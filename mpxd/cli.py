@@ -24,7 +24,7 @@ from .daemonize import Detached, detach, start_failed
 from .edge import Edge, edge_options, edge_settings
 from .listeners import ListenError, bind_listeners, describe
 from .logs import LEVELS, reopen_log_files, setup_logging
-from .loop import Loop
+from .loop import Loop, raise_descriptor_limit
 from .pidfile import PidFile, PidFileError
 from .privileges import PrivilegeError, drop_privileges
 from .script import ScriptError, load_script
@@ -70,7 +70,8 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) ->
                    "Input stops being read past 1 MiB (or a sixteenth of this).")
 @click.option("--max-connections", type=click.IntRange(0), default=0, metavar="N",
               help="Open sessions at most; more clients wait in the listen backlog. "
-                   "Default 0: the file-descriptor limit less 32.")
+                   "Default 0: the file-descriptor limit less 32 (mpxd raises its "
+                   "soft limit to the hard one, ulimit -Hn).")
 @click.option("--idle-timeout", type=float, default=None, metavar="SECONDS",
               callback=_seconds, help="Close sessions without input for this long. "
                                       "Default: never.")
@@ -159,6 +160,7 @@ def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller
     if port is None and not inherited and not config.unix:
         raise click.UsageError("no --port given and no sockets passed by systemd "
                                "(LISTEN_FDS); say where to listen, e.g. --port 47110")
+    raise_descriptor_limit()
     if workers > 1:
         sys.exit(supervise(config, inherited, workers))
     _exit(run(config, inherited))

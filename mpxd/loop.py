@@ -33,7 +33,7 @@ from .signals import Wakeup
 from .timers import Timer
 from .systemd import Notifier
 
-__all__ = ["Loop", "make_poller"]
+__all__ = ["Loop", "make_poller", "raise_descriptor_limit"]
 
 log = logging.getLogger("mpxd")
 
@@ -125,6 +125,8 @@ class Loop:
             prepare_listener(sock)
         self.conns: dict[int, Session] = {}
         self.max_connections = config.max_connections or default_max_connections()
+        log.debug("at most %d connections (file-descriptor limit %d)", self.max_connections,
+                  resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         # Accepted connections that are not sessions yet (TLS handshakes):
         # they hold a descriptor too, so they count toward max_connections.
         self.admitting = 0
@@ -628,6 +630,29 @@ def prepare_listener(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+
+
+def raise_descriptor_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as Go programs do.
+
+    Shells and systemd start programs with a soft limit of 1024, low for the
+    sake of programs that use select(); mpxd polls, so it takes what the
+    hard limit allows.  The operator's caps are the hard limit (``ulimit
+    -Hn``, systemd's ``LimitNOFILE=``) and ``--max-connections``.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard
+    if hard == resource.RLIM_INFINITY:        # the kernel's cap is nr_open
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                wanted = int(f.read())
+        except (OSError, ValueError):
+            wanted = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (OSError, ValueError):
+            pass                # then the soft limit stays; accepting still works
 
 
 def default_max_connections() -> int:

@@ -34,13 +34,16 @@ LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 class LoggedDaemon:
     """``mpxd`` as a subprocess logging to a file; stopped by pid."""
 
-    def __init__(self, log_path: str, script: str, *args: str, nofile: int | None = None):
+    def __init__(self, log_path: str, script: str, *args: str,
+                 nofile: int | tuple[int, int] | None = None):
+        """``nofile``: the descriptor limit, or its (soft, hard) pair; mpxd
+        raises the soft limit to the hard one, so a lone number sets both."""
         self.log_path = log_path
 
         def limit_descriptors() -> None:
             if nofile is not None:
-                _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+                limits = (nofile, nofile) if isinstance(nofile, int) else nofile
+                resource.setrlimit(resource.RLIMIT_NOFILE, limits)
 
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -381,6 +384,23 @@ def test_running_out_of_descriptors_pauses_accepting_and_recovers(mpxd_run, writ
     assert readline(later, bytearray()).startswith(b"hello ")
     assert "Traceback" not in d.log()
     later.close()
+    assert d.stop() == 0
+
+
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(mpxd_run, write_script):
+    # Shells and systemd hand out a soft limit of 1024: mpxd polls, so it
+    # takes the hard limit, and more clients than the soft limit get served.
+    d = mpxd_run(write_script(GREETER), "--log-level", "debug", nofile=(48, 400))
+    with open(f"/proc/{d.proc.pid}/limits") as f:
+        assert re.search(r"Max open files\s+400\s+400", f.read())
+    d.wait_log(r"at most 368 connections \(file-descriptor limit 400\)")
+    clients = [d.connect() for _ in range(120)]
+    for sock in clients:
+        sock.settimeout(10)
+        assert readline(sock, bytearray()).startswith(b"hello ")
+    assert "cannot accept" not in d.log()
+    for sock in clients:
+        sock.close()
     assert d.stop() == 0
 
 
