@@ -63,7 +63,32 @@ def _optional(module: types.ModuleType, path: str, name: str) -> Callable | None
                           f"(it is {_kind(value)})")
     if value is not None:
         _refuse_deferred(path, name, value)
+        _refuse_wrong_arity(path, name, value)
     return value
+
+
+# What mpxd passes to each function it calls: always one argument.
+ARGUMENT = {"handle_request": "s", "handle_open": "s", "handle_close": "s",
+            "on_start": "server", "on_stop": "server", "on_reload": "old_module"}
+
+
+def _refuse_wrong_arity(path: str, name: str, fn: Callable) -> None:
+    """Refuse a function that cannot take the one argument mpxd passes.
+
+    ``def handle_request():`` would otherwise pass ``--check`` and then fail
+    every request with a TypeError.
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):     # some built-ins have none: trust them
+        return
+    try:
+        signature.bind(None)
+    except TypeError:
+        argument = ARGUMENT[name]
+        raise ScriptError(f"{path}: {name} must take one argument: mpxd calls "
+                          f"{name}({argument}), and it is defined as "
+                          f"{name}{signature}") from None
 
 
 def _refuse_deferred(path: str, name: str, fn: Callable) -> None:
@@ -238,6 +263,7 @@ def _run_and_check(path: str, code: types.CodeType, interruptible: bool) -> Hand
                           f"(it is {_kind(handle_request)})")
     try:
         _refuse_deferred(path, "handle_request", handle_request)
+        _refuse_wrong_arity(path, "handle_request", handle_request)
         return Handlers(
             path=path,
             module=module,

@@ -138,6 +138,28 @@ def test_a_handler_that_would_never_run_is_refused(write_script, name, kind, bod
     assert f"{name} {said}" in message and "plain def" in message
 
 
+@pytest.mark.parametrize("name, argument", [
+    ("handle_request", "s"), ("handle_close", "s"), ("handle_open", "s"),
+    ("on_start", "server"), ("on_stop", "server"), ("on_reload", "old_module")])
+@pytest.mark.parametrize("parameters", ["", "a, b", "*, s", "**options"])
+def test_a_handler_that_cannot_take_its_one_argument_is_refused(
+        write_script, name, argument, parameters):
+    # It passed --check, then raised TypeError on every call.
+    source = "def handle_request(s): pass\n" if name != "handle_request" else ""
+    message = load_error(write_script(source + f"def {name}({parameters}):\n    pass\n"))
+    assert message.endswith(f"{name} must take one argument: mpxd calls {name}({argument}), "
+                            f"and it is defined as {name}({parameters})")
+
+
+def test_handlers_with_defaults_or_star_args_are_accepted(write_script):
+    handlers = load_script(write_script(
+        "def handle_request(s, verbose=False): pass\n"
+        "def handle_open(*args): pass\n"
+        "def on_reload(old_module, /): pass\n"
+        "handle_close = lambda s, *rest, **options: None\n"))
+    assert handlers.handle_open is not None and handlers.on_reload is not None
+
+
 def test_a_compiled_file_is_not_taken_for_source(tmp_path):
     compiled = tmp_path / "counter.pyc"
     py_compile.compile(os.path.join(HANDLERS, "counter.py"), cfile=str(compiled))
@@ -168,6 +190,16 @@ def test_callable_objects_and_partials_that_run_are_accepted(write_script):
         "handle_open = functools.partial(opened, 'hi')\n"
         "handle_close = print\n"))
     assert callable(handlers.handle_request) and handlers.handle_close is print
+
+
+@pytest.mark.parametrize("source, said", [
+    ("class Handler:\n    def __call__(self):\n        pass\nhandle_request = Handler()\n",
+     "defined as handle_request()"),
+    ("import functools\ndef h(a, s): pass\nhandle_request = functools.partial(h, 1, 2)\n",
+     "defined as handle_request()"),
+])
+def test_callable_objects_and_partials_are_held_to_one_argument_too(write_script, source, said):
+    assert said in load_error(write_script(source))
 
 
 def test_a_timer_started_at_import_is_refused_with_where_to_start_it(write_script):
