@@ -119,6 +119,7 @@ class Core:
         self._handle_request = handlers.handle_request
         self._handle_open = handlers.handle_open
         self._handle_close = handlers.handle_close
+        self._said_close_response = False   # the warning about it, once per version
 
     def start(self) -> bool:
         """Make this the current core and run the script's ``on_start``.
@@ -278,7 +279,14 @@ class Core:
             s._idle_timer = None
         self.sessions_by_id.pop(s.id, None)
         if self._handle_close is not None:
+            s.response = ""
             self._call_user(self._handle_close, s, "handle_close", s)
+            if s.response and not self._said_close_response:
+                self._said_close_response = True
+                log.warning("handle_close set s.response to %s, which is not sent: the "
+                            "connection is closed by then (a goodbye goes out before "
+                            "close_session); said once per script version",
+                            shown_request(str(s.response)))
         if self._session_log and log.isEnabledFor(logging.INFO):
             log_fast(log, logging.INFO, "session %d %s closed: %s, %.3fs, %d requests, "
                      "%d bytes in, %d bytes out",

@@ -489,6 +489,35 @@ def test_peer_reset_drops_output_and_calls_handle_close_once(harness):
         c.close()
 
 
+GOODBYE = """
+seen = []
+
+def handle_request(s):
+    s.response = "ok " + s.request
+
+def handle_close(s):
+    seen.append(s.response)
+    s.response = "bye"
+"""
+
+
+def test_a_response_set_in_handle_close_is_not_sent_and_said_once(harness, write_script,
+                                                                  caplog):
+    h = harness(GOODBYE)
+    with caplog.at_level(logging.WARNING, logger="mpxd"):
+        a, b = h.connect(), h.connect()
+        assert a.send("x") == ["ok x"]
+        assert a.close() == [] and b.close() == []
+        assert h.module.seen == ["", ""]    # not the last request's answer
+        said = [r.getMessage() for r in caplog.records if "handle_close set" in r.getMessage()]
+        assert said == ["handle_close set s.response to 'bye', which is not sent: the "
+                        "connection is closed by then (a goodbye goes out before "
+                        "close_session); said once per script version"]
+        h.reload()                          # the new version is told again
+        h.connect().close()
+        assert sum("handle_close set" in r.getMessage() for r in caplog.records) == 2
+
+
 def test_eof_without_requests_still_calls_handle_close(harness):
     h = harness(LIFECYCLE)
     c = h.connect()
