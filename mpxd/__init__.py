@@ -60,7 +60,8 @@ def call_later(delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
 
     Returns a ``Timer``; ``timer.cancel()`` stops it (harmless once it ran).
     A negative delay counts as 0, ``math.inf`` never comes, ``nan`` is a
-    ``ValueError``.  The loop's poll timeout comes from the
+    ``ValueError``; a ``delay`` that is not a number or an ``fn`` that is not
+    callable is a ``TypeError``, at once.  The loop's poll timeout comes from the
     nearest timer, so nothing polls; a timer is never early.
     """
     return _core().call_later(delay, fn, *args)

@@ -31,7 +31,7 @@ from .session import Session, not_a_str
 from .threads import DaemonThreadPool
 from .timers import Timer, TimerHeap
 
-__all__ = ["Core", "current_core"]
+__all__ = ["Core", "current_core", "as_seconds", "check_callable", "check_job"]
 
 log = logging.getLogger("mpxd")
 
@@ -48,6 +48,30 @@ USER_CODE_ERRORS: tuple[type[BaseException], ...] = (Exception, SystemExit)
 USER_CODE_ERRORS_IN_DAEMON = USER_CODE_ERRORS + (KeyboardInterrupt,)
 
 _current: Core | None = None
+
+
+def as_seconds(value: Any, needs: str) -> float:
+    """``value`` (an int, a float, a Decimal, ...) as float seconds; a str is refused.
+
+    Checked when the timer is made, not when it would run: by then nobody
+    could tell the handler why.
+    """
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
+        raise TypeError(f"{needs}, not {value!r}")
+    return float(value)
+
+
+def check_callable(fn: Any, what: str) -> None:
+    """Refuse what is not callable at once: when it would run, nobody would be told why."""
+    if not callable(fn):
+        raise TypeError(f"{what} needs a function to call, not {fn!r}")
+
+
+def check_job(fn: Any, then: Any) -> None:
+    """What ``run_in_thread`` is given: ``fn`` to call, ``then`` None or one too."""
+    check_callable(fn, "run_in_thread")
+    if then is not None:
+        check_callable(then, "run_in_thread's then")
 
 
 def current_core() -> Core:
@@ -512,14 +536,18 @@ class Core:
 
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
         self.check_thread("call_later")
+        delay = as_seconds(delay, "call_later needs a delay in seconds")
         if delay != delay:          # nan: due never and always; the heap cannot order it
             raise ValueError("call_later needs a delay in seconds, not nan")
+        check_callable(fn, "call_later")
         return self.timers.add(self.now + max(0.0, delay), fn, args)
 
     def call_every(self, interval: float, fn: Callable[..., Any], *args: Any) -> Timer:
         self.check_thread("call_every")
+        interval = as_seconds(interval, "call_every needs an interval above 0")
         if not interval > 0:
             raise ValueError(f"call_every needs an interval above 0, not {interval!r}")
+        check_callable(fn, "call_every")
         return self.timers.add(self.now + interval, fn, args, interval)
 
     def next_deadline(self) -> float | None:
@@ -538,6 +566,8 @@ class Core:
     def set_idle_timeout(self, s: Session, seconds: float | None) -> None:
         """Close ``s`` after ``seconds`` without input (``None``: never)."""
         self.check_thread("set_idle_timeout")
+        if seconds is not None:
+            seconds = as_seconds(seconds, "set_idle_timeout needs seconds or None")
         if seconds is not None and seconds != seconds:
             raise ValueError("set_idle_timeout needs seconds or None, not nan")
         if s._idle_timer is not None:
@@ -564,6 +594,7 @@ class Core:
 
     def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the loop thread soon; callable from any thread."""
+        check_callable(fn, "call_soon_threadsafe")
         self._ready.append((fn, args))
         self.wake()
 
@@ -577,6 +608,7 @@ class Core:
         so ``then`` can still answer a client that half-closed.
         """
         self.check_thread("run_in_thread")     # from a job: start the next from then
+        check_job(fn, then)
         if self._executor is None:
             # Daemon threads: a job that never returns must not keep a
             # stopped daemon from exiting (ThreadPoolExecutor's threads are

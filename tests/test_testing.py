@@ -684,6 +684,62 @@ def handle_request(s):
     assert "not nan" in str(h.errors[0][2])
 
 
+MISUSED_API = """
+import decimal
+import mpxd
+
+CALLS = {
+    "later-str": lambda s: mpxd.call_later("1", print),
+    "every-str": lambda s: mpxd.call_every("1", print),
+    "later-not-callable": lambda s: mpxd.call_later(1, 5),
+    "every-not-callable": lambda s: mpxd.call_every(1, None),
+    "thread-not-callable": lambda s: mpxd.run_in_thread(5),
+    "then-not-callable": lambda s: mpxd.run_in_thread(print, then="x"),
+    "soon-not-callable": lambda s: mpxd.call_soon_threadsafe(None),
+    "idle-str": lambda s: s.set_idle_timeout("5"),
+    "later-decimal": lambda s: mpxd.call_later(decimal.Decimal("0.5"), mpxd.send_response, s),
+}
+
+def handle_request(s):
+    try:
+        CALLS[s.request](s)
+    except TypeError as e:
+        s.response = str(e)
+    else:
+        s.response = "accepted"
+"""
+
+
+@pytest.mark.parametrize("call, said", [
+    ("later-str", "call_later needs a delay in seconds, not '1'"),
+    ("every-str", "call_every needs an interval above 0, not '1'"),
+    ("later-not-callable", "call_later needs a function to call, not 5"),
+    ("every-not-callable", "call_every needs a function to call, not None"),
+    ("thread-not-callable", "run_in_thread needs a function to call, not 5"),
+    ("then-not-callable", "run_in_thread's then needs a function to call, not 'x'"),
+    ("soon-not-callable", "call_soon_threadsafe needs a function to call, not None"),
+    ("idle-str", "set_idle_timeout needs seconds or None, not '5'"),
+])
+def test_the_api_refuses_wrong_arguments_when_called_not_when_run(harness, call, said):
+    # A timer of 5 failed only when it ran, and a delay of "1" failed with
+    # "'>' not supported between instances of 'str' and 'float'".
+    h = harness(MISUSED_API)
+    c = h.connect()
+    assert c.send(call) == [said]
+    h.advance(2)
+    h.run_threads()
+    assert h.errors == [] and c.new() == []
+
+
+def test_any_number_is_a_delay(harness):
+    h = harness(MISUSED_API)
+    c = h.connect()
+    assert c.send("later-decimal") == ["accepted"]
+    h.advance(0.5)
+    assert c.new() == ["accepted"]          # the response, sent once more by the timer
+    assert h.errors == []
+
+
 # --------------------------------------------------------------- threads
 
 

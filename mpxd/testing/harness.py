@@ -30,7 +30,7 @@ import click
 
 from .. import core as core_module
 from ..config import Config, water_marks
-from ..core import Core
+from ..core import Core, check_callable, check_job
 from ..script import Handlers, ScriptError, load_script
 from ..session import Session
 
@@ -413,6 +413,7 @@ class Harness:
     def _run_in_thread(self, fn: Callable[..., Any], *args: Any,
                        then: Callable[[Any], Any] | None = None) -> None:
         """``core.run_in_thread`` with the work tracked for ``run_threads``."""
+        check_job(fn, then)             # before fn is wrapped and the job tracked
         job = _Job(then is not None)
         self._jobs.append(job)
         local = self._local
@@ -437,6 +438,7 @@ class Harness:
 
     def _call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
         """``core.call_soon_threadsafe`` as the harness sees it: threads wait for run_threads."""
+        check_callable(fn, "call_soon_threadsafe")
         if threading.get_ident() == self._thread:
             job = self._submitting      # a pool that reports at once, on this thread
             if job is None:             # handler code: the loop runs it next pass
