@@ -240,9 +240,9 @@ class ControlServer:
         os.close(fd)
         # Not core.finish: there is no handle_close to run, and a session
         # line per mpxctl call would flood the log of a monitored daemon.
-        s._finished = s.closed = True
+        s._finished = s._closed = True
         s._out = s._wbuf = None
-        self.core.sessions_by_id.pop(s.id, None)
+        self.core.sessions_by_id.pop(s._id, None)
 
     # ------------------------------------------------------------- commands
 

@@ -295,13 +295,13 @@ class Core:
         global _current
         _current = self
         s._finished = True
-        s.closed = True
+        s._closed = True
         s._held = None
         s._out = None
         if s._idle_timer is not None:
             s._idle_timer.cancel()
             s._idle_timer = None
-        self.sessions_by_id.pop(s.id, None)
+        self.sessions_by_id.pop(s._id, None)
         if self._handle_close is not None:
             s.response = ""
             self._call_user(self._handle_close, s, "handle_close", s)
@@ -314,7 +314,7 @@ class Core:
         if self._session_log and log.isEnabledFor(logging.INFO):
             log_fast(log, logging.INFO, "session %d %s closed: %s, %.3fs, %d requests, "
                      "%d bytes in, %d bytes out",
-                     s.id, format_peer(s.peer), s._reason or "closed",
+                     s._id, format_peer(s._peer), s._reason or "closed",
                      self.now - s._started, s._requests, s._bytes_in, s._bytes_out)
 
     # ----------------------------------------------------- handler calls
@@ -353,12 +353,12 @@ class Core:
                 room -= len(response)
                 if room < 0:        # past the high-water mark: hold the rest
                     rest = list(remaining)
-                    if rest and not s.closed:
+                    if rest and not s._closed:
                         s._held = rest
                         s._paused = True
                         self.dirty.append(s)
                     break
-            if s.closed:
+            if s._closed:
                 rest = list(remaining)
                 break
         s._batch = None
@@ -368,7 +368,7 @@ class Core:
         self.requests_total += handled
         if batch:
             self._queue_batch(s, batch)
-        if room < 0 and not s._paused and not s.closed:
+        if room < 0 and not s._paused and not s._closed:
             # The last line took the output past the mark: read no more
             # until it drains, or a client sending one line per read and
             # never reading would make mpxd queue without bound.
@@ -496,7 +496,7 @@ class Core:
         """Close ``s`` once its queued output is written; drop unhandled input."""
         if s._closing:
             return
-        s.closed = True
+        s._closed = True
         s._closing = True
         s._held = None
         if not s._reason:
@@ -507,7 +507,7 @@ class Core:
         """Close ``s`` at once, dropping its queued output."""
         if s._abort or s._finished:
             return
-        s.closed = True
+        s._closed = True
         s._closing = True
         s._abort = True
         s._held = None
@@ -665,4 +665,4 @@ class Core:
     def sessions(self) -> Iterator[Session]:
         """The open sessions (a snapshot, safe to close sessions while iterating)."""
         self.check_thread("sessions")      # the loop changes the dict meanwhile
-        return iter([s for s in self.sessions_by_id.values() if not s.closed])
+        return iter([s for s in self.sessions_by_id.values() if not s._closed])

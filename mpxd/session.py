@@ -36,9 +36,9 @@ class Session:
     """
 
     __slots__ = (
-        "handle", "request", "response", "peer", "id", "closed", "tls_peer",
-        # core bookkeeping
-        "_core", "_framer", "_batch", "_out", "_out_size", "_held",
+        "handle", "request", "response", "tls_peer",
+        # core bookkeeping (read-only to handlers as peer, id and closed)
+        "_peer", "_id", "_closed", "_core", "_framer", "_batch", "_out", "_out_size", "_held",
         "_paused", "_eof", "_closing", "_abort", "_reason", "_finished",
         "_started", "_last_input", "_idle_timeout", "_idle_timer",
         "_requests", "_bytes_in", "_bytes_out", "_jobs",
@@ -51,9 +51,9 @@ class Session:
         self.handle: Any = None
         self.request: str = ""
         self.response: str = ""
-        self.peer = peer
-        self.id = session_id
-        self.closed = False
+        self._peer = peer
+        self._id = session_id
+        self._closed = False
         self.tls_peer: str | None = None
         self._core = core
         self._framer = framer
@@ -83,6 +83,33 @@ class Session:
         self._write = _os_write                # TLS sessions: their channel's writer
         self._throttled = False                # held back by --max-rate (mpxd.access)
 
+    # The server's facts about the connection: a handler reads them, and a
+    # handler that assigned one (s.closed = True to close, say) would
+    # only mislead the server, so assigning raises.
+    @property
+    def peer(self) -> Any:
+        return self._peer
+
+    @peer.setter
+    def peer(self, value: Any) -> None:
+        _read_only("peer")
+
+    @property
+    def id(self) -> int:
+        return self._id
+
+    @id.setter
+    def id(self, value: Any) -> None:
+        _read_only("id")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @closed.setter
+    def closed(self, value: Any) -> None:
+        _read_only("closed", "; to close the session, call s.close() (close_session(s))")
+
     def send_response(self) -> bool:
         """Send what ``self.response`` holds now and empty it (see ``send_response``)."""
         return send_response(self)
@@ -98,6 +125,11 @@ class Session:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<Session {self.id} {self.peer!r} {state}>"
+
+
+def _read_only(name: str, hint: str = "") -> None:
+    raise AttributeError(f"s.{name} is set by mpxd and cannot be assigned{hint}; "
+                         f"keep your own per-session state in s.handle")
 
 
 def send_response(s: Session) -> bool:

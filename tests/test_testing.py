@@ -489,6 +489,35 @@ def test_peer_reset_drops_output_and_calls_handle_close_once(harness):
         c.close()
 
 
+ASSIGNS = """
+def handle_request(s):
+    name, _, value = s.request.partition(" ")
+    try:
+        setattr(s, name, value)
+    except AttributeError as e:
+        s.response = str(e)
+    else:
+        s.response = f"{name} is {getattr(s, name)!r}"
+"""
+
+
+@pytest.mark.parametrize("name, hint", [
+    ("id", ""), ("peer", ""),
+    ("closed", "; to close the session, call s.close() (close_session(s))")])
+def test_the_servers_facts_about_a_session_cannot_be_assigned(harness, name, hint):
+    # s.id = 5 made the harness fail with KeyError and the daemon drop
+    # another session from its table; s.closed = True left a session that
+    # dropped its input but never closed.
+    h = harness(ASSIGNS)
+    c = h.connect()
+    before = (c.session.id, c.session.peer, c.session.closed)
+    assert c.send(f"{name} 5") == [f"s.{name} is set by mpxd and cannot be assigned{hint}; "
+                                   f"keep your own per-session state in s.handle"]
+    assert (c.session.id, c.session.peer, c.session.closed) == before
+    assert c.send("handle mine") == ["handle is 'mine'"]
+    assert not c.closed and h.errors == []
+
+
 GOODBYE = """
 seen = []
 
