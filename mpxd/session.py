@@ -145,7 +145,7 @@ def send_response(s: Session) -> bool:
     if not isinstance(text, str):
         raise TypeError(not_a_str(text))
     s.response = ""
-    if s.closed:
+    if s._closed:
         return False
     if text:
         s._core.enqueue(s, text)
