@@ -631,6 +631,29 @@ def test_advance_fires_timers_in_order_each_at_its_own_time(harness):
     assert c.new() == []
 
 
+@pytest.mark.parametrize("seconds, error, said", [
+    (-1, ValueError, "time only moves forward"),
+    ("1", TypeError, "advance needs seconds, not '1'"),
+    (float("nan"), ValueError, "finite number of seconds, not nan"),
+    (float("inf"), ValueError, "finite number of seconds, not inf"),
+])
+def test_advance_refuses_what_is_not_a_forward_step_in_time(harness, seconds, error, said):
+    # advance(inf) with a call_every running fired it for ever.
+    h = harness("import mpxd\n"
+                "def on_start(server): server.call_every(1, print)\n" + ECHO)
+    with pytest.raises(error, match=said):
+        h.advance(seconds)
+    assert h.now == 0
+
+
+@pytest.mark.parametrize("data", [123, None, [1, 2], ["ok", b"bytes"]])
+def test_send_refuses_what_is_not_lines_or_bytes(harness, data):
+    c = harness(ECHO).connect()
+    with pytest.raises(TypeError, match="send takes a str .a line., a list of str"):
+        c.send(data)
+    assert c.send(("still", "works")) == ["still", "works"]
+
+
 def test_timers_scheduled_by_timers_fire_within_one_advance(harness):
     h = harness(TIMERS)
     c = h.connect()

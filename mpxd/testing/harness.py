@@ -30,7 +30,7 @@ import click
 
 from .. import core as core_module
 from ..config import Config, water_marks
-from ..core import Core, check_callable, check_job
+from ..core import Core, as_seconds, check_callable, check_job
 from ..script import Handlers, ScriptError, load_script
 from ..session import Session
 
@@ -182,7 +182,14 @@ class Client:
             data = (data if data.endswith("\n") else data + "\n").encode(
                 "utf-8", "surrogateescape")
         elif not isinstance(data, (bytes, bytearray, memoryview)):
-            data = "".join(line + "\n" for line in data).encode("utf-8", "surrogateescape")
+            try:
+                lines = list(data)
+            except TypeError:                   # not iterable: refused just below
+                lines = [data]
+            if not all(isinstance(line, str) for line in lines):
+                raise TypeError(f"send takes a str (a line), a list of str (lines) "
+                                f"or bytes (sent as they are), not {data!r}")
+            data = "".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape")
         self._check_open("send")
         if data:
             self._inbound.append(bytes(data))
@@ -360,6 +367,9 @@ class Harness:
 
     def advance(self, seconds: float) -> None:
         """Move the fake clock forward, firing each timer due on the way at its own time."""
+        seconds = as_seconds(seconds, "advance needs seconds")
+        if not math.isfinite(seconds):      # a call_every would fire for ever
+            raise ValueError(f"advance needs a finite number of seconds, not {seconds}")
         if seconds < 0:
             raise ValueError("time only moves forward")
         self._check_running()
