@@ -19,11 +19,15 @@ import itertools
 import logging
 import os
 import pwd
+import signal
 import sys
+import threading
 import traceback
 import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
+
+from .signals import HANDLED_SIGNALS
 
 log = logging.getLogger("mpxd")
 
@@ -120,9 +124,33 @@ def _run_without_a_server(code: types.CodeType, module: types.ModuleType) -> Non
     from . import core          # core imports this module: not at the top
     running, core._current = core._current, None
     try:
-        exec(code, module.__dict__)
+        with _signal_handlers_kept(module.__file__):
+            exec(code, module.__dict__)
     finally:
         core._current = running
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept(path: str) -> Iterator[None]:
+    """Undo, with a warning, what the script's import did to the daemon's signals.
+
+    mpxd routes TERM, INT, HUP and USR1 through its loop.  A handler the
+    script set at import was silently replaced at start-up, and after a
+    HUP it replaced mpxd's: TERM no longer stopped the daemon.
+    """
+    before = {signum: signal.getsignal(signum) for signum in HANDLED_SIGNALS}
+    try:
+        yield
+    finally:
+        changed = [signum for signum, handler in before.items()
+                   if signal.getsignal(signum) != handler]
+        if changed and threading.current_thread() is threading.main_thread():
+            for signum in changed:
+                signal.signal(signum, before[signum])
+            names = ", ".join(signal.Signals(signum).name for signum in changed)
+            log.warning("%s set its own handler for %s at import; mpxd keeps its own "
+                        "(TERM and INT stop gracefully, HUP reloads, USR1 reopens "
+                        "logs): clean up in on_stop instead", path, names)
 
 
 def _user_name() -> str:

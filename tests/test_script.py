@@ -7,8 +7,10 @@ errors follow click: usage errors exit 2, a taken port exits 1.
 
 from __future__ import annotations
 
+import logging
 import os
 import py_compile
+import signal
 import socket
 import subprocess
 import sys
@@ -158,6 +160,16 @@ def test_handlers_with_defaults_or_star_args_are_accepted(write_script):
         "def on_reload(old_module, /): pass\n"
         "handle_close = lambda s, *rest, **options: None\n"))
     assert handlers.handle_open is not None and handlers.on_reload is not None
+
+
+def test_signal_handlers_set_at_import_are_undone_with_a_warning(write_script, caplog):
+    before = signal.getsignal(signal.SIGHUP)
+    with caplog.at_level(logging.WARNING, logger="mpxd"):
+        load_script(write_script("import signal\n"
+                                 "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+                                 "def handle_request(s): pass\n"))
+    assert signal.getsignal(signal.SIGHUP) == before
+    assert "set its own handler for SIGHUP at import; mpxd keeps its own" in caplog.text
 
 
 def test_a_compiled_file_is_not_taken_for_source(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import select
+import re
 import signal
 import socket
 import threading
@@ -352,6 +353,25 @@ def test_hup_reloads_the_helper_modules_beside_the_script_too(daemon, tmp_path):
     d.expect_log(r"reloaded")
     assert client.ask("bob") == "goodbye bob"
     assert d.stop() == 0
+
+
+def test_a_script_cannot_take_the_daemons_signals(daemon, tmp_path):
+    # Its SIGTERM handler used to replace mpxd's on a HUP: TERM then only
+    # printed "mine" and the daemon ran on until it was killed.
+    script = tmp_path / "own_signals.py"
+    script.write_text("import signal\n"
+                      "signal.signal(signal.SIGTERM, lambda *a: print('mine'))\n"
+                      "signal.signal(signal.SIGUSR1, signal.SIG_IGN)\n"
+                      "def handle_request(s):\n"
+                      "    s.response = 'ok'\n")
+    d = daemon(str(script))
+    assert re.search(rb"own_signals.py set its own handler for SIGTERM, SIGUSR1 at import; "
+                     rb"mpxd keeps its own", d.child.before)      # the lines before listening
+    assert d.connect().ask("x") == "ok"
+    d.signal(signal.SIGHUP)
+    d.expect_log(r"set its own handler for SIGTERM, SIGUSR1 at import")
+    d.expect_log(r"reloaded")
+    assert d.stop(timeout=5) == 0
 
 
 def test_hup_during_drain_is_ignored(daemon, recording):
