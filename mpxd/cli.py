@@ -8,6 +8,7 @@ stderr, never a traceback.
 from __future__ import annotations
 
 import atexit
+import io
 import logging
 import math
 import os
@@ -161,9 +162,21 @@ def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller
         raise click.UsageError("no --port given and no sockets passed by systemd "
                                "(LISTEN_FDS); say where to listen, e.g. --port 47110")
     raise_descriptor_limit()
+    _line_buffered_stdout()
     if workers > 1:
         sys.exit(supervise(config, inherited, workers))
     _exit(run(config, inherited))
+
+
+def _line_buffered_stdout() -> None:
+    """Let each ``print()`` of handler code out when it ends its line.
+
+    Python buffers stdout in 8 KiB blocks when it is not a terminal: under
+    systemd (the journal) or ``--daemon --log-file`` a handler's prints came
+    out hours late, and out of order with the log lines.
+    """
+    if isinstance(sys.stdout, io.TextIOWrapper) and not sys.stdout.line_buffering:
+        sys.stdout.reconfigure(line_buffering=True)
 
 
 def _exit(code: int) -> NoReturn:

@@ -416,3 +416,21 @@ def test_syslog_lines_reach_a_syslog_daemon(mpxd):
         syslogd.close()
     assert m.stderr().startswith("mpxd: no syslog socket at /dev/log")   # and nothing else
     assert len(m.stderr().splitlines()) == 1
+
+
+def test_prints_of_handler_code_come_out_at_once_without_pythonunbuffered(mpxd, tmp_path):
+    # Python buffers a stdout that is not a terminal in 8 KiB blocks: under
+    # systemd a handler's print() reached the journal hours late.
+    script = tmp_path / "printer.py"
+    script.write_text("def handle_request(s):\n"
+                      "    print('printed', s.request)\n"
+                      "    s.response = 'ok'\n")
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", str(script)],
+             env={"PYTHONUNBUFFERED": ""})          # empty: as if not set
+    port = m.wait_listening()
+    client = LineClient(("127.0.0.1", port))
+    assert client.ask("x") == "ok"
+    client.close()
+    m.wait_for(r"printed x\n", timeout=3)           # stdout, while it still runs
+    assert m.proc.poll() is None
+    assert m.stop() == 0
