@@ -169,13 +169,20 @@ def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller
 
 
 def _line_buffered_stdout() -> None:
-    """Let each ``print()`` of handler code out when it ends its line.
+    """Let each ``print()`` of handler code out when it ends its line, whatever it holds.
 
     Python buffers stdout in 8 KiB blocks when it is not a terminal: under
     systemd (the journal) or ``--daemon --log-file`` a handler's prints came
-    out hours late, and out of order with the log lines.
+    out hours late, and out of order with the log lines.  And in a UTF-8
+    locale other than C, ``print(s.request)`` of a line with invalid bytes
+    (surrogate-escaped) raised UnicodeEncodeError and closed the session;
+    such text is written as ``\\udcff`` escapes instead, as in the log.
     """
-    if isinstance(sys.stdout, io.TextIOWrapper) and not sys.stdout.line_buffering:
+    if not isinstance(sys.stdout, io.TextIOWrapper):
+        return
+    if sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="backslashreplace")
+    if not sys.stdout.line_buffering:
         sys.stdout.reconfigure(line_buffering=True)
 
 
