@@ -55,8 +55,9 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) ->
               help="TCP port to listen on; 0 picks a free one. Not needed "
                    "under systemd socket activation.")
 @click.option("--host", "hosts", multiple=True, metavar="ADDRESS",
-              help="Address to listen on; repeatable. Default: 127.0.0.1 and ::1. "
-                   "Use 0.0.0.0 and :: for all interfaces.")
+              help="Address to listen on, or a name (every address it resolves "
+                   "to); repeatable. Default: 127.0.0.1 and ::1. Use 0.0.0.0 and :: "
+                   "for all interfaces.")
 @click.option("--eol", type=click.Choice(sorted(EOLS), case_sensitive=False), default="lf", show_default=True,
               help="End-of-line written after each response.")
 @click.option("--poller", type=click.Choice(["epoll", "poll"], case_sensitive=False), default="epoll",

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
+import logging
 import socket
 
 __all__ = ["ListenError", "bind_listeners", "describe"]
+
+log = logging.getLogger("mpxd")
 
 DEFAULT_HOSTS = ("127.0.0.1", "::1")
 
 
 class ListenError(Exception):
     """A listening socket cannot be opened; the message names address and port."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno          # the bind's, when that is what failed
 
 
 def describe(sock: socket.socket) -> str:
@@ -24,15 +32,31 @@ def describe(sock: socket.socket) -> str:
     return str(address)
 
 
-def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, int, tuple]:
-    """``(family, proto, sockaddr)`` to bind for ``host``: its first address."""
+Resolved = tuple  # (family, proto, sockaddr), as getaddrinfo gives them
+
+WILDCARDS = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+
+
+def _resolve(host: str, port: int) -> list[Resolved]:
+    """Every ``(family, proto, sockaddr)`` to bind for ``host``, in getaddrinfo's order.
+
+    A name may stand for several addresses (``localhost``: 127.0.0.1 and ::1);
+    like nginx, mpxd listens on each, not only on the first.
+    """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise ListenError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    family, _type, proto, _name, address = infos[0]
-    return family, proto, address
+    return [(family, proto, address) for family, _type, proto, _name, address in infos]
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _probe_port(family: socket.AddressFamily, proto: int, address: tuple) -> None:
@@ -56,7 +80,7 @@ def _probe_port(family: socket.AddressFamily, proto: int, address: tuple) -> Non
 def _bind_one(host: str, resolved: tuple[socket.AddressFamily, int, tuple], port: int,
               backlog: int, reuse_port: bool = False, listen: bool = True,
               refuse_taken: bool = False) -> socket.socket:
-    """Bind (and listen on) ``resolved``, what ``_resolve(host, port)`` returned."""
+    """Bind (and listen on) ``resolved``, one of the addresses ``_resolve(host, port)`` gave."""
     family, proto, address = resolved
     sock = socket.socket(family, socket.SOCK_STREAM, proto)
     try:
@@ -76,7 +100,8 @@ def _bind_one(host: str, resolved: tuple[socket.AddressFamily, int, tuple], port
         sock.setblocking(False)
     except OSError as e:
         sock.close()
-        shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        where = f"[{address[0]}]:{port}" if family == socket.AF_INET6 else f"{address[0]}:{port}"
+        shown = where if host == address[0] else f"{host} ({where})"
         if e.errno == errno.EADDRINUSE:
             raise ListenError(f"cannot listen on {shown}: address already in use "
                               f"(is another mpxd or another server running there?)") from None
@@ -84,57 +109,98 @@ def _bind_one(host: str, resolved: tuple[socket.AddressFamily, int, tuple], port
             raise ListenError(f"cannot listen on {shown}: {e.strerror} (ports below 1024 "
                               f"need root: start as root with --user, or let systemd "
                               f"bind the port)") from None
-        raise ListenError(f"cannot listen on {shown}: {e.strerror}") from None
+        raise ListenError(f"cannot listen on {shown}: {e.strerror}", e.errno) from None
     return sock
 
 
 def bind_listeners(hosts: tuple[str, ...], port: int, backlog: int,
                    reuse_port: bool = False, listen: bool = True,
-                   refuse_taken: bool = False) -> list[socket.socket]:
+                   refuse_taken: bool = False, warn: bool = True) -> list[socket.socket]:
     """Listen on ``port`` at every host; port 0 picks one free port for all.
 
-    The default pair 127.0.0.1 and ::1 tolerates a machine without IPv6: ::1
-    is skipped when the kernel has no IPv6 loopback.  A host the user named
-    explicitly must work, or start-up fails.
+    A host name stands for every address it resolves to.  The default pair
+    127.0.0.1 and ::1 tolerates a machine without IPv6: ::1 is skipped when
+    the kernel has no IPv6 loopback; so is an address of a name that cannot
+    be bound there (EADDRNOTAVAIL), as long as another address of the name
+    can.  An address the user named explicitly must work, or start-up fails.
 
-    A host that resolves to an address already listened on is skipped
-    (``--host 127.0.0.1`` given twice, or a name for the same address).
+    An address already listened on is skipped (``--host 127.0.0.1`` given
+    twice, or a name for the same address), and so, with a warning, is one
+    that a wildcard of its family covers (127.0.0.1 beside 0.0.0.0).
 
     ``reuse_port`` sets ``SO_REUSEPORT`` (``--workers``); ``listen=False``
     only binds: the supervisor holds the port that way without ever being
     handed a connection.  ``refuse_taken`` (the supervisor's bind) fails
     when a server already listens there, which ``SO_REUSEPORT`` alone would
-    let it share (see ``_probe_port``).
+    let it share (see ``_probe_port``).  ``warn=False`` (a ``--workers``
+    worker, after its parent bound the same hosts) says nothing of skips.
     """
-    sockets: list[socket.socket] = []
     optional = tuple(hosts) == DEFAULT_HOSTS
-    bound: set[tuple] = set()           # (family, address) already listened on
+    wanted = _addresses(hosts, port, warn)
+    sockets: list[socket.socket] = []
     try:
-        for host in hosts:
-            if host.startswith("[") and host.endswith("]"):
-                host = host[1:-1]       # [::1], the bracketed form URLs use
-            try:
-                resolved = _resolve(host, port)
-                family, _proto, address = resolved
-                if (family, address[0]) in bound:
-                    continue            # --host 127.0.0.1 twice, or a name for it
-                bound.add((family, address[0]))
-                sock = _bind_one(host, resolved, port, backlog, reuse_port, listen,
-                                 refuse_taken)
-            except ListenError:
-                if optional and host == "::1" and not socket.has_ipv6:
-                    continue
-                if optional and host == "::1" and _no_ipv6_loopback():
-                    continue
-                raise
-            sockets.append(sock)
-            if port == 0:
-                port = sock.getsockname()[1]   # the others share the picked port
+        for host, addresses in wanted:
+            bound_here = 0
+            for family, proto, address in addresses:
+                # Resolved before port 0 was picked: the port goes in now.
+                resolved = (family, proto, (address[0], port, *address[2:]))
+                try:
+                    sock = _bind_one(host, resolved, port, backlog, reuse_port, listen,
+                                     refuse_taken)
+                except ListenError as e:
+                    if optional and host == "::1" and (not socket.has_ipv6
+                                                       or _no_ipv6_loopback()):
+                        continue
+                    if not _is_literal(host) and e.errno == errno.EADDRNOTAVAIL:
+                        if warn:
+                            log.warning("%s; serving the other addresses of %s", e,
+                                        host)
+                        continue
+                    raise
+                sockets.append(sock)
+                bound_here += 1
+                if port == 0:
+                    port = sock.getsockname()[1]   # the others share the picked port
+            if addresses and not bound_here and not optional:
+                raise ListenError(f"cannot listen on {host}:{port}: none of its "
+                                  f"addresses can be bound here")
     except BaseException:
         for sock in sockets:
             sock.close()
         raise
     return sockets
+
+
+def _addresses(hosts: tuple[str, ...], port: int,
+               warn: bool) -> list[tuple[str, list[Resolved]]]:
+    """Each host with the addresses to bind for it: each address once, none
+    that a wildcard of its family (0.0.0.0, ::) already covers."""
+    resolved = []
+    for host in hosts:
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]       # [::1], the bracketed form URLs use
+        resolved.append((host, _resolve(host, port)))
+    wildcards = {family for _host, addresses in resolved
+                 for family, _proto, address in addresses
+                 if address[0] == WILDCARDS.get(family)}
+    seen: set[tuple] = set()
+    wanted = []
+    for host, addresses in resolved:
+        kept = []
+        for family, proto, address in addresses:
+            if (family, address[0]) in seen:
+                continue            # --host 127.0.0.1 twice, or a name for it
+            seen.add((family, address[0]))
+            if family in wildcards and address[0] != WILDCARDS[family]:
+                if warn:
+                    what = host if host == address[0] else f"{host} ({address[0]})"
+                    log.warning("--host %s skipped: --host %s already listens on every "
+                                "%s address, this one included", what, WILDCARDS[family],
+                                "IPv4" if family == socket.AF_INET else "IPv6")
+                continue
+            kept.append((family, proto, address))
+        wanted.append((host, kept))
+    return wanted
 
 
 def _no_ipv6_loopback() -> bool:

@@ -473,7 +473,7 @@ def _serve_as_worker(config: Config, number: int, status_fd: int,
     """
     try:
         listeners = shared or bind_listeners(config.hosts, port, config.backlog,
-                                             reuse_port=True)
+                                             reuse_port=True, warn=False)
         edge = Edge.open(config)        # TLS files, rules, limits: per worker
         drop_privileges(config.user, config.group)
         _die_with_parent(parent)

@@ -26,11 +26,12 @@ LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
 class Daemon:
     """A running ``mpxd`` started by a test; ``stop()`` ends it by pid."""
 
-    def __init__(self, args: list[str], env: dict | None = None, timeout: float = 10):
+    def __init__(self, args: list[str], env: dict | None = None, timeout: float = 10,
+                 listening: bytes = LISTENING.pattern):
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.child = pexpect.spawn(MPXD[0], MPXD[1:] + args, cwd=ROOT, env=full_env,
                                    timeout=timeout, maxread=65536)
-        self.child.expect(LISTENING)
+        self.child.expect(listening)
         self.port = int(self.child.match.group(1))
         self.address = ("127.0.0.1", self.port)
 
@@ -117,8 +118,10 @@ def daemon():
     """Factory: ``daemon("handlers/counter.py", "--eol", "crlf")``; stopped after the test."""
     started: list[Daemon] = []
 
-    def start(script: str, *args: str, env: dict | None = None) -> Daemon:
-        d = Daemon(["--port", "0", "--host", "127.0.0.1", *args, script], env=env)
+    def start(script: str, *args: str, env: dict | None = None,
+              listening: bytes = LISTENING.pattern) -> Daemon:
+        d = Daemon(["--port", "0", "--host", "127.0.0.1", *args, script], env=env,
+                   listening=listening)
         started.append(d)
         return d
 

@@ -486,6 +486,74 @@ def test_the_same_host_twice_listens_once(daemon):
     assert b"listening on 127.0.0.1" not in d.child.before
 
 
+def test_an_address_a_wildcard_covers_is_skipped_with_a_warning(daemon):
+    # --host 0.0.0.0 --host 127.0.0.1 failed with "address already in use
+    # (is another mpxd ...?)", against its own wildcard socket.
+    d = daemon(COUNTER, "--host", "0.0.0.0", "--host", "127.0.0.1", "--host", "localhost",
+               listening=rb"listening on 0\.0\.0\.0:(\d+)")
+    assert b"--host 127.0.0.1 skipped: --host 0.0.0.0 already listens on every IPv4 " \
+           b"address, this one included" in d.child.before
+    c = d.connect()
+    assert c.ask("5") == "5"
+    c.close()
+    assert d.stop() == 0
+    assert b"listening on 127.0.0.1" not in d.child.before
+
+
+def fake_names(monkeypatch, names: dict[str, list[str]]) -> None:
+    """Make ``socket.getaddrinfo`` resolve each name to these addresses, in order."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host not in names:
+            return real(host, port, *args, **kwargs)
+        return [info for address in names[host]
+                for info in real(address, port, *args, **kwargs)]
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def foreign_addresses(count: int) -> list[str]:
+    """Documentation addresses (RFC 5737) this machine cannot bind."""
+    found = []
+    for address in ["198.51.100.7", "203.0.113.9", "192.0.2.77", "198.51.100.8"]:
+        with socket.socket() as probe:
+            try:
+                probe.bind((address, 0))
+            except OSError:
+                found.append(address)
+    if len(found) < count:
+        pytest.skip("this machine can bind the documentation addresses")
+    return found[:count]
+
+
+def test_a_name_is_listened_on_at_every_address_it_resolves_to(monkeypatch, caplog):
+    # Debian's localhost is ::1 and 127.0.0.1, ::1 first: --host localhost
+    # listened on ::1 only, and clients of 127.0.0.1 were refused.
+    from mpxd.listeners import bind_listeners
+    addresses = ["::1", "127.0.0.1"] if _has_ipv6_loopback() else ["127.0.0.1"]
+    [foreign] = foreign_addresses(1)
+    fake_names(monkeypatch, {"twohomed": addresses + [foreign]})
+    with caplog.at_level("WARNING", logger="mpxd"):
+        sockets = bind_listeners(("twohomed",), 0, 16)
+    try:
+        assert [s.getsockname()[0] for s in sockets] == addresses
+        assert len({s.getsockname()[1] for s in sockets}) == 1, "one port for all"
+        # The foreign address is not this machine's: skipped, and said.
+        assert f"cannot listen on twohomed ({foreign}:" in caplog.text
+        assert "serving the other addresses of twohomed" in caplog.text
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_name_none_of_whose_addresses_can_be_bound_fails(monkeypatch):
+    from mpxd.listeners import ListenError, bind_listeners
+    fake_names(monkeypatch, {"faraway": foreign_addresses(2)})
+    with pytest.raises(ListenError, match="cannot listen on faraway:0: none of its "
+                                          "addresses can be bound here"):
+        bind_listeners(("faraway",), 0, 16)
+
+
 @pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
 @pytest.mark.parametrize("host", ["::1", "[::1]"])     # the form URLs use, too
 def test_ipv6_listening_line_and_service(daemon, host):
