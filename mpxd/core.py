@@ -37,6 +37,10 @@ log = logging.getLogger("mpxd")
 
 ERROR_LINE_TOO_LONG = "ERROR line too long"
 
+# Requests of each script version whose return value is checked (a handler
+# that returns its answer instead of setting s.response is warned about).
+CHECKED_REQUESTS = 1000
+
 # What a handler, callback or hook may raise without stopping the daemon.
 # SystemExit too: argparse and click exit on bad input, and a client's bad
 # line must not stop the service for everyone (a handler that means to stop
@@ -140,10 +144,14 @@ class Core:
 
     def _install(self, handlers: Handlers) -> None:
         self.handlers = handlers
-        self._handle_request = handlers.handle_request
+        # The first requests of each version go through a check that costs
+        # the hot path nothing afterwards; see _check_request.
+        self._handle_request = self._check_request
+        self._checks_left = CHECKED_REQUESTS
         self._handle_open = handlers.handle_open
         self._handle_close = handlers.handle_close
         self._said_close_response = False   # the warning about it, once per version
+        self._said_returned = False         # the same, for a returned answer
 
     def start(self) -> bool:
         """Make this the current core and run the script's ``on_start``.
@@ -208,10 +216,17 @@ class Core:
         if self._handle_open is not None:
             s._batch = batch = []
             self._handling = s
-            ok = self._call_user(self._handle_open, s, "handle_open", s)
+            try:
+                returned = self._handle_open(s)
+                ok = True
+            except self.user_errors as e:
+                self._user_code_failed("handle_open", s, e)
+                returned, ok = None, False
             self._handling = None
             s._batch = None
             response, s.response = s.response, ""
+            if returned is not None and not response:
+                self._returned_instead(returned, "handle_open")
             if ok and not isinstance(response, str):
                 self._user_code_failed("handle_open", s, TypeError(not_a_str(response)))
                 ok = False
@@ -374,6 +389,30 @@ class Core:
             # never reading would make mpxd queue without bound.
             s._paused = True
             self.dirty.append(s)
+
+    def _check_request(self, s: Session) -> None:
+        """``handle_request`` for a version's first requests, checking what it returns.
+
+        Returning the answer instead of setting ``s.response`` is a common
+        first mistake, and nothing would be sent, silently.  After
+        ``CHECKED_REQUESTS`` requests the handler is called directly.
+        """
+        returned = self.handlers.handle_request(s)
+        if returned is not None and not s.response:
+            self._returned_instead(returned, "handle_request")
+        self._checks_left -= 1
+        if self._checks_left <= 0:
+            self._handle_request = self.handlers.handle_request
+
+    def _returned_instead(self, returned: Any, what: str) -> None:
+        """A handler returned its answer instead of setting ``s.response``: say so once."""
+        if not self._said_returned:
+            self._said_returned = True
+            log.warning("%s returned %s and left s.response empty: mpxd sends "
+                        "s.response, not what a handler returns (write s.response = "
+                        "...); said once per script version", what,
+                        shown_request(returned) if isinstance(returned, str)
+                        else f"{returned!r:.200}")
 
     def _handler_failed(self, s: Session, line: str, exc: BaseException) -> None:
         log.error("handle_request failed for session %d %s on request %s:\n%s",

@@ -518,6 +518,55 @@ def test_the_servers_facts_about_a_session_cannot_be_assigned(harness, name, hin
     assert not c.closed and h.errors == []
 
 
+RETURNS = """
+def handle_open(s):
+    if s.peer[1] == 1:
+        return "hello"
+
+def handle_request(s):
+    if s.request == "set":
+        s.response = "set"
+        return True                 # harmless: the answer is in s.response
+    return s.request.upper()
+"""
+
+
+@pytest.mark.parametrize("peer, line, said", [
+    (("127.0.0.1", 1), "x", "handle_open returned 'hello'"),
+    (("127.0.0.1", 2), "x", "handle_request returned 'X'"),
+])
+def test_an_answer_returned_instead_of_set_is_warned_about_once(harness, caplog,
+                                                                 peer, line, said):
+    # Nothing is sent either way: mpxd sends s.response.  It used to be silent.
+    h = harness(RETURNS)
+    with caplog.at_level(logging.WARNING, logger="mpxd"):
+        c = h.connect(peer=peer)
+        assert c.send(line) == [] and c.send("set") == ["set"] and c.send(line) == []
+    warnings = [r.getMessage() for r in caplog.records if "returned" in r.getMessage()]
+    assert warnings == [f"{said} and left s.response empty: mpxd sends s.response, "
+                        f"not what a handler returns (write s.response = ...); said "
+                        f"once per script version"]
+
+
+def test_a_returned_true_beside_a_set_response_is_not_warned_about(harness, caplog):
+    h = harness(RETURNS)
+    with caplog.at_level(logging.WARNING, logger="mpxd"):
+        assert h.connect(peer=("127.0.0.1", 2)).send(["set"] * 3) == ["set"] * 3
+    assert "returned" not in caplog.text
+
+
+def test_return_values_are_checked_for_the_first_requests_only(harness):
+    # After CHECKED_REQUESTS the handler is called directly: no cost per request.
+    h = harness(ECHO)
+    c = h.connect()
+    c.send(["x"] * (core_module.CHECKED_REQUESTS - 1))
+    assert h.core._handle_request != h.handlers.handle_request
+    c.send("x")
+    assert h.core._handle_request == h.handlers.handle_request
+    h.reload()                                      # a new version is checked anew
+    assert h.core._handle_request != h.handlers.handle_request
+
+
 GOODBYE = """
 seen = []
 
