@@ -418,38 +418,25 @@ def test_syslog_lines_reach_a_syslog_daemon(mpxd):
     assert len(m.stderr().splitlines()) == 1
 
 
-def test_prints_of_handler_code_come_out_at_once_without_pythonunbuffered(mpxd, tmp_path):
+def test_prints_of_handler_code_come_out_at_once_and_never_fail(mpxd, tmp_path):
     # Python buffers a stdout that is not a terminal in 8 KiB blocks: under
-    # systemd a handler's print() reached the journal hours late.
-    script = tmp_path / "printer.py"
-    script.write_text("def handle_request(s):\n"
-                      "    print('printed', s.request)\n"
-                      "    s.response = 'ok'\n")
-    m = mpxd(["--port", "0", "--host", "127.0.0.1", str(script)],
-             env={"PYTHONUNBUFFERED": ""})          # empty: as if not set
-    port = m.wait_listening()
-    client = LineClient(("127.0.0.1", port))
-    assert client.ask("x") == "ok"
-    client.close()
-    m.wait_for(r"printed x\n", timeout=3)           # stdout, while it still runs
-    assert m.proc.poll() is None
-    assert m.stop() == 0
-
-
-def test_printing_a_request_with_invalid_utf8_does_not_fail_the_handler(mpxd, tmp_path):
-    # In a UTF-8 locale other than C, stdout's errors are "strict": printing
-    # a surrogate-escaped request raised UnicodeEncodeError in the handler.
+    # systemd a handler's print() reached the journal hours late.  And in a
+    # UTF-8 locale other than C, stdout's errors are "strict": printing a
+    # surrogate-escaped request raised UnicodeEncodeError in the handler.
     script = tmp_path / "printer.py"
     script.write_text("def handle_request(s):\n"
                       "    print('got', s.request)\n"
                       "    s.response = 'ok'\n")
     m = mpxd(["--port", "0", "--host", "127.0.0.1", str(script)],
-             env={"PYTHONIOENCODING": "utf-8:strict"})
+             env={"PYTHONUNBUFFERED": "",           # empty: as if not set
+                  "PYTHONIOENCODING": "utf-8:strict"})
     port = m.wait_listening()
     client = LineClient(("127.0.0.1", port))
+    assert client.ask("x") == "ok"
     client.send(b"a\xffb\n")
     assert client.readline() == "ok"
     client.close()
-    m.wait_for(r"got a\\udcffb\n", timeout=3)
+    m.wait_for(r"got x\ngot a\\udcffb\n", timeout=3)   # stdout, while it still runs
+    assert m.proc.poll() is None
     assert "Traceback" not in m.log()
     assert m.stop() == 0
