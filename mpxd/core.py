@@ -114,7 +114,7 @@ class Core:
         self.clock = clock
         self.now = clock()
         self.started = self.now
-        self.timers = TimerHeap()
+        self.timers = TimerHeap(defer=lambda fn: self.call_soon_threadsafe(fn))
         self.sessions_by_id: dict[int, Session] = {}
         self.dirty: list[Session] = []
         self.errors: list[tuple[str, Session | None, BaseException]] | None = None
@@ -161,7 +161,7 @@ class Core:
         """
         global _current
         _current = self
-        self._loop_thread = threading.get_ident()
+        self._loop_thread = self.timers.thread = threading.get_ident()
         if self.handlers.on_start is None:
             return True
         return self._call_user(self.handlers.on_start, None, "on_start", self)

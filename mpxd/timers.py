@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import threading
 from typing import Any, Callable
 
 __all__ = ["Timer", "TimerHeap"]
@@ -34,7 +35,12 @@ class Timer:
         self._heap: TimerHeap | None = None     # the heap holding it, while one does
 
     def cancel(self) -> None:
-        """Stop this timer; harmless if it already ran or was cancelled."""
+        """Stop this timer; harmless if it already ran or was cancelled.
+
+        Callable from any thread (a ``run_in_thread`` job may cancel its
+        timeout): the timer stops at once, and the heap's bookkeeping is
+        handed to the loop's thread, which alone touches the heap.
+        """
         if not self.cancelled:
             self.cancelled = True
             if self._heap is not None:
@@ -55,10 +61,14 @@ class TimerHeap:
 
     COMPACT_FROM = 64       # cancelled timers: below this, never worth a rebuild
 
-    def __init__(self) -> None:
+    def __init__(self, defer: Callable[[Callable[[], None]], None] | None = None) -> None:
         self._heap: list[Timer] = []
         self._seq = itertools.count()
         self._dead = 0          # cancelled timers still in the heap
+        # The thread that owns the heap (the loop's; the core sets it when it
+        # starts) and how other threads hand it work (call_soon_threadsafe).
+        self.thread = threading.get_ident()
+        self._defer = defer
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -71,6 +81,10 @@ class TimerHeap:
         return timer
 
     def _cancelled_one(self) -> None:
+        if self._defer is not None and threading.get_ident() != self.thread:
+            # Rebuilding the heap here could pull it from under the loop.
+            self._defer(self._cancelled_one)
+            return
         self._dead += 1
         heap = self._heap
         if self._dead >= self.COMPACT_FROM and 2 * self._dead > len(heap):

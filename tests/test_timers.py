@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 from hypothesis import given, settings
@@ -326,6 +327,45 @@ def test_cancelled_timers_do_not_pile_up():
     assert heap.next_deadline() == 3600.0
     assert _run(heap, 3600.0) == ["expire k"]
     assert len(heap) == 0 and heap.next_deadline() is None
+
+
+def test_a_cancel_from_another_thread_leaves_the_heap_to_the_loop():
+    # A run_in_thread job cancelling its timeout timer rebuilt the heap from
+    # its own thread, under a loop that might be popping from it.
+    handed_over = []
+    heap = TimerHeap(defer=handed_over.append)
+    keeper = heap.add(1.0, lambda: "keeper")
+    timers = [heap.add(2.0 + i, lambda: "cancelled") for i in range(3 * TimerHeap.COMPACT_FROM)]
+    heap_list = heap._heap
+    snapshot = list(heap_list)
+    thread = threading.Thread(target=lambda: [t.cancel() for t in timers])
+    thread.start()
+    thread.join()
+    assert all(t.cancelled for t in timers)         # stopped at once...
+    assert heap_list == snapshot and heap._dead == 0    # ...the heap untouched
+    assert len(handed_over) == len(timers)
+    for bookkeeping in handed_over:                 # the loop's thread does it
+        bookkeeping()
+    assert len(heap) < TimerHeap.COMPACT_FROM and heap._dead < TimerHeap.COMPACT_FROM
+    assert _run(heap, 1000.0) == ["keeper"]
+    keeper.cancel()
+
+
+def test_a_job_may_cancel_a_timer(write_script):
+    from mpxd.testing import Harness
+    with Harness(write_script("""
+import mpxd
+
+def handle_request(s):
+    timer = mpxd.call_later(5, mpxd.close_session, s)
+    mpxd.run_in_thread(timer.cancel)        # from the job's thread
+    s.response = "started"
+""")) as h:
+        c = h.connect()
+        assert c.send("go") == ["started"]
+        h.run_threads()
+        h.advance(10)
+        assert not c.closed and h.errors == []
 
 
 @settings(max_examples=200, deadline=None)
