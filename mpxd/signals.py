@@ -10,12 +10,20 @@ threads use the same socketpair (``wake``) to hand results to the loop.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import time
 
 __all__ = ["Wakeup", "HANDLED_SIGNALS"]
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A third stop signal the loop has not taken up, the first of them this many
+# seconds old, means the loop is stuck (a handler that never returns): exit.
+STUCK_AFTER = 2.0
+STUCK_MESSAGE = (b"mpxd: 3 stop signals in %.0fs and the loop took up none: a handler "
+                 b"is stuck; exiting now, without a drain\n")
 
 
 class Wakeup:
@@ -26,6 +34,7 @@ class Wakeup:
         self._reader.setblocking(False)
         self._writer.setblocking(False)
         self.pending: list[int] = []
+        self._stops: list[float] = []      # when each pending stop signal came
         self._previous: dict[int, object] = {}
         self._previous_fd: int | None = None
 
@@ -56,8 +65,16 @@ class Wakeup:
             self._previous_fd = None
 
     def _record(self, signum: int, frame: object) -> None:
-        # NO LOGGING, no work: just queue the signal for the loop.
+        # NO LOGGING, no work: just queue the signal for the loop...
         self.pending.append(signum)
+        if signum in STOP_SIGNALS:
+            # ...unless the loop is stuck and an operator presses ^C again
+            # and again: then the only way out would be SIGKILL.
+            now = time.monotonic()
+            self._stops.append(now)
+            if len(self._stops) >= 3 and now - self._stops[0] >= STUCK_AFTER:
+                os.write(2, STUCK_MESSAGE % (now - self._stops[0]))
+                os._exit(1)
 
     def wake(self) -> None:
         """Make the loop's poll return soon; callable from any thread."""
@@ -74,6 +91,7 @@ class Wakeup:
         except (BlockingIOError, InterruptedError):
             pass
         pending, self.pending = self.pending, []
+        self._stops.clear()
         return pending
 
     def close(self) -> None:

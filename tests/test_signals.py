@@ -9,16 +9,17 @@ called it for every session, however it ended.
 from __future__ import annotations
 
 import os
-import select
 import re
+import select
 import signal
 import socket
 import threading
+import time
 
 import pexpect
 import pytest
 
-from conftest import wait_until
+from conftest import HANDLERS, wait_until
 from mpxd.signals import Wakeup
 
 # VERSION is what HUP tests change; s.handle counts this session's requests.
@@ -288,6 +289,34 @@ def rewrite_same_size_and_time(path: str, old: str, new: str) -> None:
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     after = os.stat(path)
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_a_third_stop_signal_ends_a_stuck_daemon(daemon, tmp_path):
+    # A handler that never returns keeps the loop from taking up TERM and
+    # INT: ^C, ^C, ^C did nothing, and only SIGKILL ended it.
+    script = tmp_path / "stuck.py"
+    script.write_text("import time\n"
+                      "def handle_request(s):\n"
+                      "    time.sleep(60)\n")
+    d = daemon(str(script))
+    client = d.connect()
+    client.send("x\n")
+    time.sleep(0.3)                             # the handler sleeps now
+    for _ in range(3):
+        d.signal(signal.SIGINT)
+        time.sleep(1.1)
+    d.expect_log(r"mpxd: 3 stop signals in 2s and the loop took up none: a handler "
+                 r"is stuck; exiting now, without a drain")
+    assert d.stop() == 1
+
+
+def test_stop_signals_in_a_quick_burst_still_drain(daemon):
+    # The loop had no time to take them up, but it is not stuck: graceful.
+    d = daemon(os.path.join(HANDLERS, "counter.py"))
+    for _ in range(3):
+        d.signal(signal.SIGTERM)
+    d.expect_log(r"stopped")
+    assert d.stop() == 0
 
 
 def test_hup_swaps_in_a_good_script_and_sessions_keep_their_handle(daemon, recording):
