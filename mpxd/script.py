@@ -166,7 +166,11 @@ def _describe_exception(path: str, exc: BaseException) -> str:
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if os.path.abspath(f.filename) == path]
     where = f" (line {frames[-1].lineno})" if frames else ""
-    return f"{path}: exception at import{where}: {type(exc).__name__}: {exc}"
+    hint = ""
+    if isinstance(exc, ImportError) and "relative import" in str(exc):
+        hint = (" (a script is no package's module: import helpers beside it "
+                "absolutely, as 'from helpers import ...'; its directory is importable)")
+    return f"{path}: exception at import{where}: {type(exc).__name__}: {exc}{hint}"
 
 
 def load_script(path: str, interruptible: bool = True) -> Handlers:

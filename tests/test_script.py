@@ -112,6 +112,16 @@ def test_a_failing_import_names_the_module(write_script):
     assert "no_such_module_for_mpxd" in message and "line 1" in message
 
 
+def test_a_relative_import_says_how_to_import_helpers(tmp_path, write_script):
+    (tmp_path / "helpers.py").write_text("X = 1\n")
+    message = load_error(write_script("from .helpers import X\n"
+                                      "def handle_request(s): pass\n"))
+    assert message.endswith("ImportError: attempted relative import with no known parent "
+                            "package (a script is no package's module: import helpers "
+                            "beside it absolutely, as 'from helpers import ...'; its "
+                            "directory is importable)")
+
+
 def test_a_missing_handle_request(write_script):
     message = load_error(write_script("def handle_close(s): pass\n"))
     assert "handle_request" in message
