@@ -16,6 +16,7 @@ import fcntl
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from typing import Callable
@@ -54,6 +55,9 @@ class ControlClient:
                               f"with --control {path}?)") from None
         except ConnectionRefusedError:
             self.sock.close()
+            if not stat.S_ISSOCK(os.stat(path).st_mode):
+                raise Unreachable(f"{path} is not a socket (give the path mpxd's "
+                                  f"--control names)") from None
             raise Unreachable(f"nobody listens on {path} (mpxd is not running)") from None
         except PermissionError:
             self.sock.close()

@@ -310,6 +310,21 @@ def test_mpxctl_reports_a_stale_pidfile_as_not_running(tmp_path):
     assert result.returncode == 3 and "not running" in result.stderr
 
 
+def test_mpxctl_tells_a_dead_socket_from_a_path_that_is_no_socket(tmp_path):
+    # A regular file gave "nobody listens on ... (mpxd is not running)".
+    regular = tmp_path / "handler.py"
+    regular.write_text("x = 1\n")
+    result = mpxctl("status", "--control", str(regular))
+    assert result.returncode == 3
+    assert result.stderr == f"mpxctl: {regular} is not a socket (give the path mpxd's " \
+                            f"--control names)\n"
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(tmp_path / "dead.sock"))              # bound, never listening
+    dead.close()
+    result = mpxctl("status", "--control", str(tmp_path / "dead.sock"))
+    assert result.returncode == 3 and "nobody listens on" in result.stderr
+
+
 @pytest.mark.parametrize("answer, said", [
     (b"", "closed the connection unanswered"),
     (b"220 smtp.example ready\n", "answered '220 smtp.example ready', which is not "
