@@ -17,9 +17,9 @@ DEFAULT_HOSTS = ("127.0.0.1", "::1")
 class ListenError(Exception):
     """A listening socket cannot be opened; the message names address and port."""
 
-    def __init__(self, message: str, errno: int | None = None) -> None:
+    def __init__(self, message: str, code: int | None = None) -> None:
         super().__init__(message)
-        self.errno = errno          # the bind's, when that is what failed
+        self.errno = code           # the bind's errno, when that is what failed
 
 
 def describe(sock: socket.socket) -> str:
@@ -32,9 +32,11 @@ def describe(sock: socket.socket) -> str:
     return str(address)
 
 
-Resolved = tuple  # (family, proto, sockaddr), as getaddrinfo gives them
+Resolved = tuple[socket.AddressFamily, int, tuple]   # (family, proto, sockaddr)
 
 WILDCARDS = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+# A name's address that this machine lacks, or whose family it lacks.
+NOT_HERE = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
 
 
 def _resolve(host: str, port: int) -> list[Resolved]:
@@ -77,12 +79,17 @@ def _probe_port(family: socket.AddressFamily, proto: int, address: tuple) -> Non
         probe.close()
 
 
-def _bind_one(host: str, resolved: tuple[socket.AddressFamily, int, tuple], port: int,
+def _bind_one(host: str, resolved: Resolved, port: int,
               backlog: int, reuse_port: bool = False, listen: bool = True,
               refuse_taken: bool = False) -> socket.socket:
     """Bind (and listen on) ``resolved``, one of the addresses ``_resolve(host, port)`` gave."""
     family, proto, address = resolved
-    sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    where = f"[{address[0]}]:{port}" if family == socket.AF_INET6 else f"{address[0]}:{port}"
+    shown = where if host == address[0] else f"{host} ({where})"
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    except OSError as e:            # no IPv6 in this kernel, say
+        raise ListenError(f"cannot listen on {shown}: {e.strerror}", e.errno) from None
     try:
         if refuse_taken:
             _probe_port(family, proto, address)
@@ -100,8 +107,6 @@ def _bind_one(host: str, resolved: tuple[socket.AddressFamily, int, tuple], port
         sock.setblocking(False)
     except OSError as e:
         sock.close()
-        where = f"[{address[0]}]:{port}" if family == socket.AF_INET6 else f"{address[0]}:{port}"
-        shown = where if host == address[0] else f"{host} ({where})"
         if e.errno == errno.EADDRINUSE:
             raise ListenError(f"cannot listen on {shown}: address already in use "
                               f"(is another mpxd or another server running there?)") from None
@@ -120,9 +125,9 @@ def bind_listeners(hosts: tuple[str, ...], port: int, backlog: int,
 
     A host name stands for every address it resolves to.  The default pair
     127.0.0.1 and ::1 tolerates a machine without IPv6: ::1 is skipped when
-    the kernel has no IPv6 loopback; so is an address of a name that cannot
-    be bound there (EADDRNOTAVAIL), as long as another address of the name
-    can.  An address the user named explicitly must work, or start-up fails.
+    the kernel has no IPv6 loopback; so is an address of a name that is not
+    this machine's (or of a family it lacks), as long as another address of
+    the name can be bound.  An address the user named explicitly must work, or start-up fails.
 
     An address already listened on is skipped (``--host 127.0.0.1`` given
     twice, or a name for the same address), and so, with a warning, is one
@@ -151,7 +156,7 @@ def bind_listeners(hosts: tuple[str, ...], port: int, backlog: int,
                     if optional and host == "::1" and (not socket.has_ipv6
                                                        or _no_ipv6_loopback()):
                         continue
-                    if not _is_literal(host) and e.errno == errno.EADDRNOTAVAIL:
+                    if not _is_literal(host) and e.errno in NOT_HERE:
                         if warn:
                             log.warning("%s; serving the other addresses of %s", e,
                                         host)
