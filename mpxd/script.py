@@ -166,11 +166,20 @@ def _describe_exception(path: str, exc: BaseException) -> str:
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if os.path.abspath(f.filename) == path]
     where = f" (line {frames[-1].lineno})" if frames else ""
-    hint = ""
+    return f"{path}: exception at import{where}: {type(exc).__name__}: {exc}{_hint(exc)}"
+
+
+def _hint(exc: BaseException) -> str:
+    """What to do about the import errors that do not say it themselves."""
     if isinstance(exc, ImportError) and "relative import" in str(exc):
-        hint = (" (a script is no package's module: import helpers beside it "
+        return (" (a script is no package's module: import helpers beside it "
                 "absolutely, as 'from helpers import ...'; its directory is importable)")
-    return f"{path}: exception at import{where}: {type(exc).__name__}: {exc}{hint}"
+    if isinstance(exc, ModuleNotFoundError) and exc.name and "." not in exc.name:
+        # The classic: installed for another Python than the one running mpxd.
+        return (f" (not installed for the Python that runs mpxd, {sys.executable}: "
+                f"install it there, e.g. with {sys.executable} -m pip, or put "
+                f"{exc.name}.py beside the script)")
+    return ""
 
 
 def load_script(path: str, interruptible: bool = True) -> Handlers:

@@ -122,6 +122,17 @@ def test_a_relative_import_says_how_to_import_helpers(tmp_path, write_script):
                             "directory is importable)")
 
 
+def test_a_missing_module_says_which_python_needs_it(write_script):
+    # The classic: installed with another Python than the one running mpxd.
+    message = load_error(write_script("import surely_not_installed_anywhere\n"
+                                      "def handle_request(s): pass\n"))
+    assert message.endswith(
+        f"ModuleNotFoundError: No module named 'surely_not_installed_anywhere' (not "
+        f"installed for the Python that runs mpxd, {sys.executable}: install it there, "
+        f"e.g. with {sys.executable} -m pip, or put surely_not_installed_anywhere.py "
+        f"beside the script)")
+
+
 def test_a_missing_handle_request(write_script):
     message = load_error(write_script("def handle_close(s): pass\n"))
     assert "handle_request" in message
