@@ -16,7 +16,9 @@ daemon does.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import os
 import threading
 import time
 import traceback
@@ -52,6 +54,26 @@ USER_CODE_ERRORS: tuple[type[BaseException], ...] = (Exception, SystemExit)
 USER_CODE_ERRORS_IN_DAEMON = USER_CODE_ERRORS + (KeyboardInterrupt,)
 
 _current: Core | None = None
+
+
+# Where mpxd's own frames come from: the package, and the thread pool's module.
+_MACHINERY = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+              os.path.dirname(os.path.abspath(concurrent.futures.__file__)) + os.sep)
+
+
+def user_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback from the first frame of user code on.
+
+    The frames above it (the loop, the call into the handler) are the same
+    every time and only push the user's own lines down the log.  A
+    traceback with no user frame at all is kept whole.
+    """
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_MACHINERY):
+        tb = tb.tb_next
+    if tb is None:
+        tb = exc.__traceback__
+    return "".join(traceback.format_exception(type(exc), exc, tb)).rstrip()
 
 
 def as_seconds(value: Any, needs: str) -> float:
@@ -417,7 +439,7 @@ class Core:
     def _handler_failed(self, s: Session, line: str, exc: BaseException) -> None:
         log.error("handle_request failed for session %d %s on request %s:\n%s",
                   s.id, format_peer(s.peer), shown_request(line),
-                  "".join(traceback.format_exception(exc)).rstrip())
+                  user_traceback(exc))
         self._count_error("handle_request", s, exc)
         s.response = ""
         self.request_close(s, "error")
@@ -436,7 +458,7 @@ class Core:
         """Log and count an error of user code other than ``handle_request``."""
         where = f" for session {s.id} {format_peer(s.peer)}" if s is not None else ""
         log.error("%s failed%s:\n%s", what, where,
-                  "".join(traceback.format_exception(exc)).rstrip())
+                  user_traceback(exc))
         self._count_error(what, s, exc)
 
     def _count_error(self, what: str, s: Session | None, exc: BaseException) -> None:
@@ -678,7 +700,7 @@ class Core:
             elif exc is not None:       # nobody to hand it to: log it like a handler's
                 log.error("run_in_thread %s failed:\n%s",
                           getattr(fn, "__qualname__", repr(fn)),
-                          "".join(traceback.format_exception(exc)).rstrip())
+                          user_traceback(exc))
                 self._count_error("run_in_thread", None, exc)
         finally:
             self._handling = previous

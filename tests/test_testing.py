@@ -264,6 +264,38 @@ def test_handler_exceptions_are_logged_with_peer_request_and_traceback(harness, 
     assert messages[1].startswith(f"session {c.session.id} 203.0.113.5:4242 closed: error,")
 
 
+def test_tracebacks_start_at_the_users_code(harness, caplog):
+    # The loop's frames above the handler were the same every time.
+    h = harness("""
+import mpxd
+
+def work(text):
+    raise LookupError(text)
+
+def handle_request(s):
+    if s.request == "api":
+        mpxd.call_later("soon", print)
+    elif s.request == "job":
+        mpxd.run_in_thread(work, "in a thread")
+    else:
+        raise ValueError("on purpose")
+""")
+    with caplog.at_level(logging.ERROR, logger="mpxd"):
+        h.connect().send("x")
+        h.connect().send("api")
+        h.connect().send("job")
+        h.run_threads()
+    handler, api, job = [r.getMessage().split("\n") for r in caplog.records]
+    assert handler[1] == "Traceback (most recent call last):"
+    assert handler[2].endswith("handler.py\", line 13, in handle_request")
+    assert not any("mpxd/core.py" in line for line in handler)
+    # Frames of mpxd below the user's stay: they show where the call failed.
+    assert api[2].endswith("line 9, in handle_request")
+    assert "in as_seconds" in "\n".join(api)
+    assert job[0] == "run_in_thread work failed:"
+    assert job[2].endswith("line 5, in work")
+
+
 def test_a_long_request_is_cut_in_the_error_log_line(harness, caplog):
     # A client sending 64 KiB lines that make the handler fail must not be
     # able to write 64 KiB log lines.

@@ -18,6 +18,7 @@ clock) and the moment worker threads are waited for (``run_threads``).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -428,6 +429,7 @@ class Harness:
         self._jobs.append(job)
         local = self._local
 
+        @functools.wraps(fn)        # logs name the user's function, not this one
         def work(*work_args: Any) -> Any:
             local.job = None
             try:
