@@ -29,6 +29,9 @@ from typing import Any, Callable, Iterator
 
 from .signals import HANDLED_SIGNALS
 
+# The signals a script's import must leave as mpxd has them.
+KEPT_SIGNALS = HANDLED_SIGNALS + (signal.SIGPIPE,)
+
 log = logging.getLogger("mpxd")
 
 __all__ = ["ScriptError", "Handlers", "load_script"]
@@ -136,9 +139,11 @@ def _signal_handlers_kept(path: str) -> Iterator[None]:
 
     mpxd routes TERM, INT, HUP and USR1 through its loop.  A handler the
     script set at import was silently replaced at start-up, and after a
-    HUP it replaced mpxd's: TERM no longer stopped the daemon.
+    HUP it replaced mpxd's: TERM no longer stopped the daemon.  And PIPE
+    must stay ignored: the CLI idiom ``signal(SIGPIPE, SIG_DFL)`` made the
+    first client that left during a write kill the daemon without a word.
     """
-    before = {signum: signal.getsignal(signum) for signum in HANDLED_SIGNALS}
+    before = {signum: signal.getsignal(signum) for signum in KEPT_SIGNALS}
     try:
         yield
     finally:
@@ -150,7 +155,8 @@ def _signal_handlers_kept(path: str) -> Iterator[None]:
             names = ", ".join(signal.Signals(signum).name for signum in changed)
             log.warning("%s set its own handler for %s at import; mpxd keeps its own "
                         "(TERM and INT stop gracefully, HUP reloads, USR1 reopens "
-                        "logs): clean up in on_stop instead", path, names)
+                        "logs, PIPE stays ignored so that a client going away cannot "
+                        "kill the daemon): clean up in on_stop instead", path, names)
 
 
 def _user_name() -> str:

@@ -403,6 +403,29 @@ def test_a_script_cannot_take_the_daemons_signals(daemon, tmp_path):
     assert d.stop(timeout=5) == 0
 
 
+def test_a_script_cannot_make_a_leaving_client_kill_the_daemon(daemon, tmp_path):
+    # signal(SIGPIPE, SIG_DFL), a common CLI idiom, made the first client
+    # that closed during a write kill mpxd (status 141, nothing logged).
+    script = tmp_path / "default_pipe.py"
+    script.write_text("import signal\n"
+                      "signal.signal(signal.SIGPIPE, signal.SIG_DFL)\n"
+                      "def handle_request(s):\n"
+                      "    s.response = 'x' * 100000\n")
+    path = str(tmp_path / "mpxd.sock")
+    d = daemon(str(script), "--unix", path)
+    assert b"set its own handler for SIGPIPE at import; mpxd keeps its own" \
+        in d.child.before
+    for _ in range(10):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(path)
+            sock.sendall(b"a\n" * 500)
+            sock.recv(1000)             # then leave while it writes
+    c = d.connect()
+    c.send("still here\n")
+    assert len(c.readline()) == 100000
+    assert d.stop() == 0
+
+
 def test_hup_during_drain_is_ignored(daemon, recording):
     script, calls_path = recording
     d = daemon(script, "--drain-timeout", "60")
