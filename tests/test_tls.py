@@ -358,6 +358,36 @@ def test_encrypted_key_fails_at_once_instead_of_asking_on_the_terminal(certs, tm
     assert child.exitstatus == 1
 
 
+def test_the_test_kits_client_speaks_tls_to_a_tls_server(mpxd_server, certs, handler):
+    # mpxd_server is where the README sends TLS tests, yet its client()
+    # spoke plain text to a server that expected a handshake.
+    server = mpxd_server(handler, tls_cert=str(certs / "server.pem"),
+                         tls_key=str(certs / "server.key"), tls_ca=str(certs / "ca.pem"))
+    with server.client() as anonymous:
+        with pytest.raises((ssl.SSLError, ConnectionError, EOFError)):
+            anonymous.readline()        # --tls-ca: no client certificate, no session
+    with server.client(cert=str(certs / "alice.pem"), key=str(certs / "alice.key")) as c:
+        assert c.readline() == "hello CN=alice,O=Example\\, Inc.,C=US"
+        assert c.ask("over TLS") == "over TLS"
+        assert isinstance(c.sock, ssl.SSLSocket)
+        with pytest.raises(ValueError, match="cannot be half-closed"):
+            c.shutdown_write()
+
+
+def test_the_test_kits_client_trusts_only_the_servers_own_certificate(mpxd_server, certs,
+                                                                      handler):
+    from mpxd.testing import Server
+    server = mpxd_server(handler, "--tls-cert", str(certs / "server.pem"),
+                         "--tls-key", str(certs / "server.key"))
+    assert server.tls_cert == str(certs / "server.pem")
+    with server.client() as c:
+        assert c.readline() == "hello None"
+    server.tls_cert = str(certs / "server2.pem")    # another certificate of the same CA
+    with pytest.raises(ssl.SSLCertVerificationError):
+        server.client()
+    assert isinstance(server, Server)
+
+
 def test_subject_string_escapes_as_rfc4514():
     cert = {"subject": ((("countryName", "US"),), (("organizationName", "A, B+C"),),
                         (("commonName", " lead"),))}

@@ -13,6 +13,7 @@ import re
 import select
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -59,6 +60,7 @@ class Server:
         self.port = port
         self.address = ("127.0.0.1", port)
         self.returncode: int | None = None
+        self.tls_cert: str | None = None    # --tls-cert: client() speaks TLS
         self._log = log
         self._log_changed = log_changed
 
@@ -103,7 +105,9 @@ class Server:
                 for line in log + ready:
                     match = LISTENING.search(line)
                     if match:
-                        return cls(process, int(match.group(1)), log, log_changed, reader)
+                        server = cls(process, int(match.group(1)), log, log_changed, reader)
+                        server.tls_cert = _option_value(extra, "--tls-cert")
+                        return server
                 if process.poll() is not None and not reader.is_alive():
                     process.stderr.close()
                     raise ServerError(f"mpxd exited with status {process.returncode} "
@@ -144,9 +148,26 @@ class Server:
                                       f"{timeout}s:\n" + "".join(self._log))
                 self._log_changed.wait(left)
 
-    def client(self, timeout: float = 5.0) -> LineClient:
-        """A new line client connected to this server."""
-        return LineClient(self.address, timeout)
+    def client(self, timeout: float = 5.0, cert: str | None = None,
+               key: str | None = None) -> LineClient:
+        """A new line client connected to this server, over TLS if it has ``--tls-cert``.
+
+        Over TLS the client trusts exactly the server's certificate (no CA,
+        no host name check: a test server's certificate is often self-signed
+        and names no 127.0.0.1); ``cert``/``key`` present a client
+        certificate, for ``--tls-ca``.
+        """
+        context = None
+        if self.tls_cert is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN   # the leaf itself
+            context.load_verify_locations(os.path.abspath(self.tls_cert))
+            if cert is not None:
+                context.load_cert_chain(cert, key)
+        elif cert is not None:
+            raise ValueError("cert= is for a server started with tls_cert")
+        return LineClient(self.address, timeout, context)
 
     def signal(self, signum: int) -> None:
         os.kill(self.process.pid, signum)
@@ -174,6 +195,17 @@ class Server:
         if not self._reader.is_alive() and self.process.stderr is not None:
             self.process.stderr.close()
         return self.returncode
+
+
+def _option_value(args: list[str], option: str) -> str | None:
+    """The value of ``option`` in command-line ``args`` (the last one), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(option + "="):
+            value = arg[len(option) + 1:]
+    return value
 
 
 def _watch(process: subprocess.Popen, notify: socket.socket | None, log: list[str],
@@ -242,8 +274,16 @@ class LineClient:
     ``timeout`` seconds (``socket.timeout``) rather than hanging a test.
     """
 
-    def __init__(self, address: tuple[str, int], timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection(address, timeout=timeout)
+    def __init__(self, address: tuple[str, int], timeout: float = 5.0,
+                 tls: ssl.SSLContext | None = None) -> None:
+        sock = socket.create_connection(address, timeout=timeout)
+        if tls is not None:
+            try:
+                sock = tls.wrap_socket(sock)
+            except BaseException:
+                sock.close()
+                raise
+        self.sock = sock
         self._buffer = b""
 
     def __enter__(self) -> LineClient:
@@ -290,7 +330,11 @@ class LineClient:
         return b"".join(chunks)
 
     def shutdown_write(self) -> None:
-        """Send EOF but keep reading (a half-close, like ``nc -N``)."""
+        """Send EOF but keep reading (a half-close, like ``nc -N``); plain TCP only."""
+        if isinstance(self.sock, ssl.SSLSocket):
+            # Python's ssl cannot send close_notify and go on reading.
+            raise ValueError("a TLS connection cannot be half-closed from Python: "
+                             "read the answers, then close()")
         self.sock.shutdown(socket.SHUT_WR)
 
     def reset(self) -> None:
