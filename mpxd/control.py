@@ -128,6 +128,8 @@ class ControlServer:
                             handle_close=None, on_start=None, on_stop=None,
                             on_reload=None)
         self.core = Core(handlers, CONTROL_CONFIG, clock=self.main.clock)
+        self.core.sessions_are = "control connection"
+        self.core.line_limit_is = "the control channel's limit of"
         self.conns: dict[int, Session] = {}
         self.soft_draining = False
         self.commands: dict[str, Callable[[Session, list[str]], str]] = {

@@ -141,6 +141,10 @@ class Core:
         self.dirty: list[Session] = []
         self.errors: list[tuple[str, Session | None, BaseException]] | None = None
         self.user_errors = USER_CODE_ERRORS    # the daemon's loop adds KeyboardInterrupt
+        # How log lines name a session and the line limit (the control
+        # channel's core has its own names for both).
+        self.sessions_are = "session"
+        self.line_limit_is = "--max-line"
         self.wake: Callable[[], None] = lambda: None   # set by the edge
         self._ready: deque[tuple[Callable[..., Any], tuple]] = deque()
         self._handling: Session | None = None   # whose handler runs (for run_in_thread)
@@ -546,8 +550,9 @@ class Core:
         return response
 
     def _line_too_long(self, s: Session) -> None:
-        log.warning("session %d %s: line longer than --max-line %d bytes; closing it",
-                    s.id, format_peer(s.peer), self._max_line)
+        log.warning("%s %d %s: line longer than %s %d bytes; closing it",
+                    self.sessions_are, s.id, format_peer(s.peer), self.line_limit_is,
+                    self._max_line)
         self._queue_batch(s, [ERROR_LINE_TOO_LONG])
         self.request_close(s, "line too long")
 

@@ -230,6 +230,20 @@ def test_unknown_commands_and_help(served):
     assert ask(d.control, "status")[0][0].startswith("pid ")
 
 
+def test_an_overlong_control_line_is_logged_as_the_control_channels(served):
+    # It read "session 1 pid=...: line longer than --max-line 4096 bytes",
+    # as if a client had broken the daemon's --max-line.
+    d, _load = served
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(d.control)
+        sock.sendall(b"x" * 5000)
+        assert sock.recv(100) == b"ERROR line too long\n"
+    match = d.wait_for(r"WARNING control connection \d+ pid=\d+,uid=\d+: line longer "
+                       r"than the control channel's limit of 4096 bytes; closing it")
+    assert "--max-line" not in d.log()[match.start():]
+    assert ask(d.control, "stats")[0][0].startswith("pid ")   # the channel still serves
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
 def test_other_users_are_turned_away(served):
     d, _load = served
