@@ -105,7 +105,8 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) ->
 @click.option("--group", default=None, help="Switch to this group after binding "
                                            "(default: the user's group).")
 @click.option("--check", is_flag=True,
-              help="Only load and validate SCRIPT; exit 0 if it is usable, else 1.")
+              help="Only load and validate SCRIPT (as --user, if given); exit 0 if "
+                   "it is usable, else 1.")
 @edge_options       # --tls-*, --unix*, --allow, --deny, --max-per-ip, --max-rate, --control
 @click.version_option(__version__, "--version", "-V", prog_name="mpxd")
 def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller: str,
@@ -135,8 +136,10 @@ def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller
     if check:
         setup_logging("warning")    # what loading the script warns about
         try:
+            # As at start-up, where the script is loaded after --user took effect.
+            drop_privileges(user, group)
             load_script(script)
-        except ScriptError as e:
+        except (PrivilegeError, ScriptError) as e:
             click.echo(f"Error: {e}", err=True)
             _exit(1)
         click.echo(f"{os.path.abspath(script)}: ok")

@@ -152,6 +152,29 @@ def test_a_script_the_user_cannot_read_names_the_user(mpxd, tmp_path):
     assert f"{script}: cannot read as user nobody: Permission denied" in m.stderr()
 
 
+def test_check_with_user_validates_as_that_user(tmp_path, shared_dir):
+    # --check said "ok" as root for a script the daemon then could not read.
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    script = private / "handler.py"
+    script.write_text("def handle_request(s):\n    s.response = 'x'\n")
+    readable = os.path.join(shared_dir, "handler.py")       # nobody may read this one
+
+    def check(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mpxd", "--check", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=30)
+
+    refused = check("--user", "nobody", str(script))
+    assert refused.returncode == 1
+    assert refused.stderr == f"Error: {script}: cannot read as user nobody: " \
+                             f"Permission denied\n"
+    assert check(str(script)).returncode == 0                   # root may read it
+    assert check("--user", "nobody", readable).returncode == 0
+    unknown = check("--user", "no-such-user-here", readable)
+    assert (unknown.returncode, unknown.stderr) == (1, "Error: unknown user "
+                                                       "'no-such-user-here'\n")
+
+
 def test_a_low_port_without_root_says_how_to_get_one():
     port = free_privileged_port()
     result = in_child(f"""
