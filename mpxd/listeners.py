@@ -180,11 +180,16 @@ def _addresses(hosts: tuple[str, ...], port: int,
                warn: bool) -> list[tuple[str, list[Resolved]]]:
     """Each host with the addresses to bind for it: each address once, none
     that a wildcard of its family (0.0.0.0, ::) already covers."""
+    optional = tuple(hosts) == DEFAULT_HOSTS
     resolved = []
     for host in hosts:
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]       # [::1], the bracketed form URLs use
-        resolved.append((host, _resolve(host, port)))
+        try:
+            resolved.append((host, _resolve(host, port)))
+        except ListenError:
+            if not (optional and host == "::1"):
+                raise               # a default ::1 on a machine without IPv6: skip
     wildcards = {family for _host, addresses in resolved
                  for family, _proto, address in addresses
                  if address[0] == WILDCARDS.get(family)}

@@ -546,6 +546,28 @@ def test_a_name_is_listened_on_at_every_address_it_resolves_to(monkeypatch, capl
             sock.close()
 
 
+def test_the_default_ipv6_loopback_may_fail_to_resolve(monkeypatch):
+    # A machine without IPv6 must still start with the default hosts; an
+    # explicit --host ::1 there fails, naming it.
+    from mpxd.listeners import DEFAULT_HOSTS, ListenError, bind_listeners
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "::1":
+            raise socket.gaierror(socket.EAI_ADDRFAMILY, "Address family for hostname "
+                                                         "not supported")
+        return real(host, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    sockets = bind_listeners(DEFAULT_HOSTS, 0, 16)
+    try:
+        assert [s.getsockname()[0] for s in sockets] == ["127.0.0.1"]
+    finally:
+        for sock in sockets:
+            sock.close()
+    with pytest.raises(ListenError, match="cannot listen on ::1:0: Address family"):
+        bind_listeners(("::1",), 0, 16)
+
+
 def test_a_name_none_of_whose_addresses_can_be_bound_fails(monkeypatch):
     from mpxd.listeners import ListenError, bind_listeners
     fake_names(monkeypatch, {"faraway": foreign_addresses(2)})
