@@ -125,9 +125,10 @@ def bind_listeners(hosts: tuple[str, ...], port: int, backlog: int,
 
     A host name stands for every address it resolves to.  The default pair
     127.0.0.1 and ::1 tolerates a machine without IPv6: ::1 is skipped when
-    the kernel has no IPv6 loopback; so is an address of a name that is not
-    this machine's (or of a family it lacks), as long as another address of
-    the name can be bound.  An address the user named explicitly must work, or start-up fails.
+    the kernel has no IPv6 loopback (or cannot resolve it); so is an address
+    of a name that is not this machine's (or of a family it lacks), as long
+    as another address of the name can be bound.  An address the user named
+    explicitly must work, or start-up fails.
 
     An address already listened on is skipped (``--host 127.0.0.1`` given
     twice, or a name for the same address), and so, with a warning, is one
@@ -141,7 +142,7 @@ def bind_listeners(hosts: tuple[str, ...], port: int, backlog: int,
     worker, after its parent bound the same hosts) says nothing of skips.
     """
     optional = tuple(hosts) == DEFAULT_HOSTS
-    wanted = _addresses(hosts, port, warn)
+    wanted = _addresses(hosts, port, warn, optional)
     sockets: list[socket.socket] = []
     try:
         for host, addresses in wanted:
@@ -176,11 +177,10 @@ def bind_listeners(hosts: tuple[str, ...], port: int, backlog: int,
     return sockets
 
 
-def _addresses(hosts: tuple[str, ...], port: int,
-               warn: bool) -> list[tuple[str, list[Resolved]]]:
+def _addresses(hosts: tuple[str, ...], port: int, warn: bool,
+               optional: bool) -> list[tuple[str, list[Resolved]]]:
     """Each host with the addresses to bind for it: each address once, none
     that a wildcard of its family (0.0.0.0, ::) already covers."""
-    optional = tuple(hosts) == DEFAULT_HOSTS
     resolved = []
     for host in hosts:
         if host.startswith("[") and host.endswith("]"):
