@@ -43,15 +43,14 @@ ERROR_LINE_TOO_LONG = "ERROR line too long"
 # that returns its answer instead of setting s.response is warned about).
 CHECKED_REQUESTS = 1000
 
-# What a handler, callback or hook may raise without stopping the daemon.
-# SystemExit too: argparse and click exit on bad input, and a client's bad
-# line must not stop the service for everyone (a handler that means to stop
-# it sends SIGTERM to its own process).  KeyboardInterrupt only once the
-# daemon's loop runs (``Core.user_errors``): from then on SIGINT drains instead
-# of raising, so one can only come from user code; in a test run or at
-# start-up it is the user's ^C and must stop the process.
-USER_CODE_ERRORS: tuple[type[BaseException], ...] = (Exception, SystemExit)
-USER_CODE_ERRORS_IN_DAEMON = USER_CODE_ERRORS + (KeyboardInterrupt,)
+# Whatever a handler, callback or hook raises is its own error: it is logged,
+# and the daemon carries on.  Every BaseException: SystemExit (argparse and
+# click exit on bad input, and a client's bad line must not stop the service
+# for everyone), asyncio.CancelledError, GeneratorExit, a library's own.  But
+# KeyboardInterrupt only once the daemon's loop routes signals
+# (``Core.interrupts_are_user_errors``): from then on SIGINT drains instead
+# of raising, so one can only come from user code; in a test run it is the
+# user's ^C and must stop the process.
 
 _current: Core | None = None
 
@@ -140,7 +139,7 @@ class Core:
         self.sessions_by_id: dict[int, Session] = {}
         self.dirty: list[Session] = []
         self.errors: list[tuple[str, Session | None, BaseException]] | None = None
-        self.user_errors = USER_CODE_ERRORS    # the daemon's loop adds KeyboardInterrupt
+        self.interrupts_are_user_errors = False  # the daemon's loop sets it
         # How log lines name a session and the line limit (the control
         # channel's core has its own names for both).
         self.sessions_are = "session"
@@ -245,7 +244,7 @@ class Core:
             try:
                 returned = self._handle_open(s)
                 ok = True
-            except self.user_errors as e:
+            except BaseException as e:
                 self._user_code_failed("handle_open", s, e)
                 returned, ok = None, False
             self._handling = None
@@ -380,7 +379,7 @@ class Core:
             s.response = ""
             try:
                 handler(s)
-            except self.user_errors as e:  # a handler bug ends its session only
+            except BaseException as e:  # a handler bug ends its session only
                 self._handler_failed(s, line, e)
                 rest = list(remaining)
                 break
@@ -440,7 +439,13 @@ class Core:
                         shown_request(returned) if isinstance(returned, str)
                         else f"{returned!r:.200}")
 
+    def _let_interrupts_through(self, exc: BaseException) -> None:
+        """Re-raise the user's ^C in a test run; anything else user code raises is its error."""
+        if isinstance(exc, KeyboardInterrupt) and not self.interrupts_are_user_errors:
+            raise exc
+
     def _handler_failed(self, s: Session, line: str, exc: BaseException) -> None:
+        self._let_interrupts_through(exc)
         log.error("handle_request failed for session %d %s on request %s:\n%s",
                   s.id, format_peer(s.peer), shown_request(line),
                   user_traceback(exc))
@@ -454,12 +459,13 @@ class Core:
         try:
             fn(*args)
             return True
-        except self.user_errors as e:  # user code must not stop the loop
+        except BaseException as e:  # user code must not stop the loop
             self._user_code_failed(what, s, e)
             return False
 
     def _user_code_failed(self, what: str, s: Session | None, exc: BaseException) -> None:
         """Log and count an error of user code other than ``handle_request``."""
+        self._let_interrupts_through(exc)
         where = f" for session {s.id} {format_peer(s.peer)}" if s is not None else ""
         log.error("%s failed%s:\n%s", what, where,
                   user_traceback(exc))

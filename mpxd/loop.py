@@ -25,7 +25,7 @@ import socket
 from typing import Any, Callable
 
 from .config import Config
-from .core import USER_CODE_ERRORS_IN_DAEMON, Core, format_peer
+from .core import Core, format_peer
 from .logs import flush_batched, lines_waiting, start_batching, stop_batching
 from .script import ScriptError, load_script
 from .session import Session
@@ -454,7 +454,7 @@ class Loop:
         """
         self._wakeup.install()
         # SIGINT now drains; a KeyboardInterrupt can only be user code's own.
-        self.core.user_errors = USER_CODE_ERRORS_IN_DAEMON
+        self.core.interrupts_are_user_errors = True
 
     def _dispatch_signals(self) -> None:
         for signum in self._wakeup.drain():

@@ -432,13 +432,19 @@ def test_handle_close_once_when_handle_open_fails(daemon, write_script, tmp_path
     assert log.read_text().split() == ["1", "2"]
 
 
-def test_a_wrong_response_type_sys_exit_or_interrupt_ends_one_session_not_the_daemon(
+def test_a_wrong_response_type_or_any_base_exception_ends_one_session_not_the_daemon(
         daemon, write_script):
     # All three used to escape the loop: a TypeError from the output queue,
     # SystemExit (argparse exits on bad input) and KeyboardInterrupt, stopping
     # every session.
+    # So did the other BaseExceptions: asyncio.CancelledError, GeneratorExit
+    # and a library's own, which killed the daemon with a traceback.
     script = write_script("""
+        import asyncio
         import sys
+
+        class Stop(BaseException):
+            pass
 
         def handle_request(s):
             if s.request == "number":
@@ -447,6 +453,12 @@ def test_a_wrong_response_type_sys_exit_or_interrupt_ends_one_session_not_the_da
                 sys.exit(3)
             elif s.request == "interrupt":
                 raise KeyboardInterrupt     # SIGINT drains: this is the handler's own
+            elif s.request == "cancelled":
+                raise asyncio.CancelledError()
+            elif s.request == "generator-exit":
+                raise GeneratorExit()
+            elif s.request == "base":
+                raise Stop("a library's own")
             else:
                 s.response = "ok " + s.request
     """)
@@ -454,7 +466,9 @@ def test_a_wrong_response_type_sys_exit_or_interrupt_ends_one_session_not_the_da
     bystander = d.connect()
     assert bystander.ask("before") == "ok before"
     for line, logged in [("number", "TypeError: s.response must be a str, not int: 42"),
-                         ("exit", "SystemExit: 3"), ("interrupt", "KeyboardInterrupt")]:
+                         ("exit", "SystemExit: 3"), ("interrupt", "KeyboardInterrupt"),
+                         ("cancelled", "CancelledError"), ("generator-exit", "GeneratorExit"),
+                         ("base", "Stop: a library's own")]:
         c = d.connect()
         c.send_lines("first", line, "never handled")
         assert c.read_all() == b"ok first\n"

@@ -410,6 +410,36 @@ def test_sys_exit_in_a_handler_ends_its_session_not_the_server(harness):
     assert good.send("still here") == ["ok still here"]
 
 
+def test_base_exceptions_other_than_interrupts_are_handler_errors(harness):
+    # asyncio.CancelledError and GeneratorExit are BaseExceptions: they used
+    # to escape the core, and the daemon died with a traceback.
+    h = harness("""
+import asyncio
+
+def on_start(server):
+    server.call_later(1, tick)
+
+def tick():
+    raise GeneratorExit("in a timer")
+
+def handle_open(s):
+    if s.peer[1] == 1:
+        raise asyncio.CancelledError("in handle_open")
+
+def handle_request(s):
+    raise asyncio.CancelledError("in handle_request")
+""")
+    opened = h.connect(peer=("127.0.0.1", 1))
+    assert opened.closed and opened.close_reason == "error"
+    c = h.connect()
+    assert c.send("x") == [] and c.closed
+    h.advance(1)
+    assert [(where, type(exc).__name__) for where, _s, exc in h.errors] == [
+        ("handle_open", "CancelledError"), ("handle_request", "CancelledError"),
+        ("timer tick", "GeneratorExit")]
+    assert h.connect(peer=("127.0.0.1", 2)).send("y") == []      # still serving
+
+
 def test_keyboard_interrupt_stops_a_test_run(harness):
     # In a test run ^C raises KeyboardInterrupt wherever the code is, a
     # handler included: it must stop pytest, not become a handler error.
