@@ -43,15 +43,6 @@ ERROR_LINE_TOO_LONG = "ERROR line too long"
 # that returns its answer instead of setting s.response is warned about).
 CHECKED_REQUESTS = 1000
 
-# Whatever a handler, callback or hook raises is its own error: it is logged,
-# and the daemon carries on.  Every BaseException: SystemExit (argparse and
-# click exit on bad input, and a client's bad line must not stop the service
-# for everyone), asyncio.CancelledError, GeneratorExit, a library's own.  But
-# KeyboardInterrupt only once the daemon's loop routes signals
-# (``Core.interrupts_are_user_errors``): from then on SIGINT drains instead
-# of raising, so one can only come from user code; in a test run it is the
-# user's ^C and must stop the process.
-
 _current: Core | None = None
 
 
@@ -440,7 +431,16 @@ class Core:
                         else f"{returned!r:.200}")
 
     def _let_interrupts_through(self, exc: BaseException) -> None:
-        """Re-raise the user's ^C in a test run; anything else user code raises is its error."""
+        """Re-raise the user's ^C in a test run; anything else user code raises is its error.
+
+        Whatever a handler, callback or hook raises is logged, and the
+        daemon carries on: every BaseException, SystemExit too (argparse and
+        click exit on bad input, and a client's bad line must not stop the
+        service for everyone), asyncio.CancelledError, GeneratorExit, a
+        library's own.  KeyboardInterrupt only once the daemon's loop routes
+        signals (``interrupts_are_user_errors``): from then on SIGINT drains
+        instead of raising, so one can only come from user code.
+        """
         if isinstance(exc, KeyboardInterrupt) and not self.interrupts_are_user_errors:
             raise exc
 
