@@ -33,9 +33,12 @@ from .signals import Wakeup
 from .timers import Timer
 from .systemd import Notifier
 
-__all__ = ["Loop", "make_poller", "raise_descriptor_limit"]
+__all__ = ["Loop", "make_poller", "raise_descriptor_limit", "USR2_IGNORED"]
 
 log = logging.getLogger("mpxd")
+
+USR2_IGNORED = ("USR2 ignored: mpxd has no binary upgrade as nginx and gunicorn do; "
+                "HUP reloads the script, a restart upgrades mpxd")
 
 IN = select.POLLIN
 OUT = select.POLLOUT
@@ -470,6 +473,10 @@ class Loop:
         self.begin_drain()
 
     handle_int = handle_term
+
+    def handle_usr2(self) -> None:
+        """Say that USR2 does nothing here (its default action would kill mpxd)."""
+        log.warning(USR2_IGNORED)
 
     def handle_hup(self) -> str | None:
         """Reload the script; keep the old one if the new one is broken.

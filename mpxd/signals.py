@@ -17,7 +17,10 @@ import time
 
 __all__ = ["Wakeup", "HANDLED_SIGNALS"]
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+# USR2 is handled only to be ignored: its default action kills the process,
+# and operators used to nginx or gunicorn send it for a binary upgrade.
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+                   signal.SIGUSR2)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A third stop signal the loop has not taken up, the first of them this many
 # seconds old, means the loop is stuck (a handler that never returns): exit.

@@ -62,7 +62,7 @@ from .daemonize import Detached, detach, start_failed
 from .edge import Edge
 from .listeners import ListenError, bind_listeners, describe
 from .logs import reopen_log_files, setup_logging
-from .loop import MAX_WAIT, Loop
+from .loop import MAX_WAIT, USR2_IGNORED, Loop
 from .pidfile import PidFile, PidFileError
 from .privileges import PrivilegeError, drop_privileges
 from .script import ScriptError, load_script
@@ -74,7 +74,7 @@ __all__ = ["supervise", "Supervisor"]
 
 log = logging.getLogger("mpxd")
 
-FORWARDED = HANDLED_SIGNALS                 # TERM, INT, HUP, USR1
+FORWARDED = HANDLED_SIGNALS                 # TERM, INT, HUP, USR1 (USR2: not)
 STABLE_AFTER = 10.0     # a worker that lived this long and died restarts at once
 BACKOFF_FIRST = 0.5     # seconds before restarting a worker that died young
 BACKOFF_MAX = 30.0
@@ -249,6 +249,8 @@ class Supervisor:
             if self.reopen_logs is not None:
                 self.reopen_logs()
             self._forward(signum)
+        elif signum == signal.SIGUSR2:
+            log.warning(USR2_IGNORED)   # and not passed on: one warning is enough
 
     def _forward(self, signum: int) -> None:
         for worker in self.workers:

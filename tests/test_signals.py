@@ -487,6 +487,19 @@ def test_usr1_when_the_new_file_cannot_be_created_keeps_logging(mpxd, recording,
     assert "stopped" in rotated.read_text()
 
 
+def test_usr2_is_ignored_with_a_warning_not_fatal(daemon, recording):
+    # Its default action killed mpxd at once: no drain, pidfile and unix
+    # sockets left behind. nginx and gunicorn operators send it to upgrade.
+    script, _calls = recording
+    d = daemon(script)
+    c = d.connect()
+    d.signal(signal.SIGUSR2)
+    d.expect_log(r"WARNING USR2 ignored: mpxd has no binary upgrade as nginx and "
+                 r"gunicorn do; HUP reloads the script, a restart upgrades mpxd")
+    assert c.ask("x") == "v1 1 x"
+    assert d.stop() == 0
+
+
 def test_usr1_without_a_log_file_is_harmless(daemon, recording):
     script, _calls = recording
     d = daemon(script)

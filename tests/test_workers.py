@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 
+import pexpect
 import pytest
 
 from conftest import MPXD, ROOT, LineClient, wait_until
@@ -192,6 +193,19 @@ def test_usr1_is_passed_on_to_every_worker(daemon, pid_script):
     pattern = r"mpxd\[(\d+)\] INFO no log file to reopen"
     logged = {int(d.expect_log(pattern).group(1)) for _ in range(3)}
     assert logged == {d.pid, *workers}
+
+
+def test_usr2_to_the_supervisor_is_ignored_once_and_not_passed_on(daemon, pid_script):
+    d = daemon(pid_script, "--workers", "2")
+    _ready_pids(d)
+    d.signal(signal.SIGUSR2)
+    match = d.expect_log(r"mpxd\[(\d+)\] WARNING USR2 ignored")
+    assert int(match.group(1)) == d.pid
+    with pytest.raises(pexpect.TIMEOUT):
+        d.expect_log(r"USR2 ignored", timeout=0.5)     # no worker heard it
+    c = d.connect()
+    assert c.ask("x")
+    assert d.stop() == 0
 
 
 def test_workers_exit_when_the_supervisor_is_killed(daemon, pid_script):
