@@ -1336,6 +1336,16 @@ def test_mpxd_server_refuses_to_detach_the_daemon(mpxd_server, args, options):
         mpxd_server(COUNTER, *args, **options)
 
 
+def test_mpxd_server_is_ready_when_it_listens_on_every_address_too():
+    # --host 0.0.0.0 covers the fixture's 127.0.0.1, which is then skipped:
+    # "listening on 0.0.0.0:PORT" is ready too.  (Not started here: tests
+    # listen on loopback only.)
+    from mpxd.testing.server import LISTENING
+    assert LISTENING.search("INFO listening on 0.0.0.0:4711").group(1) == "4711"
+    assert LISTENING.search("INFO listening on 127.0.0.1:4712").group(1) == "4712"
+    assert LISTENING.search("INFO listening on [::1]:4713") is None
+
+
 def test_mpxd_server_reports_a_script_that_does_not_load(mpxd_server, write_script):
     from mpxd.testing import ServerError
     with pytest.raises(ServerError, match="does not define handle_request"):

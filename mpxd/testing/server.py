@@ -23,7 +23,8 @@ from typing import Any
 
 __all__ = ["Server", "LineClient", "cli_args", "ServerError"]
 
-LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+# 127.0.0.1, or 0.0.0.0 when a test listens on every address (it covers 127.0.0.1)
+LISTENING = re.compile(r"listening on (?:127\.0\.0\.1|0\.0\.0\.0):(\d+)")
 EOL_NAMES = {"\n": "lf", "\r\n": "crlf", "lf": "lf", "crlf": "crlf"}
 
 
