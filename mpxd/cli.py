@@ -130,6 +130,7 @@ def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller
     Signals: TERM/INT drain and stop, HUP reloads SCRIPT, USR1 reopens logs.
     Every option can also be set as MPXD_<OPTION>, e.g. MPXD_PORT=47110.
     """
+    _standard_descriptors_open()
     if any(not host.strip() for host in hosts):
         raise click.UsageError("--host needs an address (0.0.0.0 or :: for all "
                                "interfaces)")
@@ -170,6 +171,23 @@ def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller
     if workers > 1:
         sys.exit(supervise(config, inherited, workers))
     _exit(run(config, inherited))
+
+
+def _standard_descriptors_open() -> None:
+    """Point a closed stdin, stdout or stderr at /dev/null, before anything opens a file.
+
+    Started with them closed (an init script's ``>&-``), mpxd gave descriptor
+    1 to the pidfile and 2 to a listening socket: what a child process or a
+    C library then wrote to "stdout" landed in the pidfile.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)     # the lowest free: fd itself
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def _line_buffered_stdout() -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import collections
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import HANDLERS, wait_until
+from conftest import HANDLERS, ROOT, wait_until
 from mpxd.loop import FIRST_READ, RECV_SIZE, _read_rest
 
 COUNTER = os.path.join(HANDLERS, "counter.py")
@@ -476,6 +478,38 @@ def test_a_wrong_response_type_or_any_base_exception_ends_one_session_not_the_da
         d.expect_log(logged)
     assert bystander.ask("after") == "ok after"
     assert d.stop() == 0
+
+
+def test_closed_standard_descriptors_are_reopened_on_dev_null(tmp_path):
+    # Started with stdout and stderr closed (an init script's ">&-"), the
+    # pidfile took descriptor 1: what a child process printed went into it.
+    script = tmp_path / "spawner.py"
+    script.write_text("import subprocess\n"
+                      "def handle_request(s):\n"
+                      "    subprocess.run(['echo', 'printed by a child'])\n"
+                      "    s.response = 'ok'\n")
+    log, pidfile = tmp_path / "mpxd.log", tmp_path / "mpxd.pid"
+
+    def close_standard_descriptors() -> None:
+        for fd in (0, 1, 2):
+            os.close(fd)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpxd", "--port", "0", "--host", "127.0.0.1",
+         "--log-file", str(log), "--pidfile", str(pidfile), str(script)],
+        cwd=ROOT, preexec_fn=close_standard_descriptors)
+    try:
+        assert wait_until(lambda: log.exists() and "listening on" in log.read_text())
+        port = int(log.read_text().split("listening on 127.0.0.1:")[1].split()[0])
+        for fd in (0, 1, 2):
+            assert os.readlink(f"/proc/{proc.pid}/fd/{fd}") == "/dev/null"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"x\n")
+            assert sock.recv(100) == b"ok\n"
+        assert pidfile.read_text() == f"{proc.pid}\n"
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
 
 
 # ------------------------------------------------------------ listening
