@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 from typing import Any, NoReturn
@@ -29,6 +30,7 @@ from .loop import Loop, raise_descriptor_limit
 from .pidfile import PidFile, PidFileError
 from .privileges import PrivilegeError, drop_privileges
 from .script import ScriptError, load_script
+from .signals import StopDuringStartup, Wakeup
 from .systemd import Notifier, listen_fds
 from .workers import supervise
 
@@ -242,6 +244,11 @@ def run(config: Config, inherited: list) -> int:
         if not config.log_file and not config.syslog:
             log.warning("--daemon without --log-file or --syslog: log lines are discarded")
         detached = detach(reopenable[0].stream.fileno() if reopenable else None)
+    # From here on a TERM or INT stops start-up cleanly (the pidfile and
+    # sockets go, exit 0) instead of killing mpxd; HUP and USR1 wait for
+    # the loop.  Not earlier: the --daemon launcher must keep its defaults.
+    wakeup = Wakeup()
+    wakeup.install()
     pidfile = PidFile(config.pidfile) if config.pidfile else None
     listeners: list = []
     edge: Edge | None = None
@@ -254,23 +261,32 @@ def run(config: Config, inherited: list) -> int:
         edge = Edge.open(config)    # TLS files, unix and control sockets: still privileged
         listeners = listeners + edge.sockets
         drop_privileges(config.user, config.group)
-        handlers = load_script(config.script)
+        with wakeup.interrupting():     # an import may take long: TERM need not wait
+            handlers = load_script(config.script, interruptible=False)
     except (PidFileError, ListenError, PrivilegeError, ScriptError) as e:
-        _release(listeners, edge, pidfile)
+        _release(listeners, edge, pidfile, wakeup)
         return start_failed(str(e), detached, config.daemon)
+    except StopDuringStartup as e:
+        _release(listeners, edge, pidfile, wakeup)
+        return _stopped_before_serving(e.signum, detached)
 
     notifier = Notifier.from_environment()
     try:
         core = Core(handlers, config)
         loop = Loop(core, config, listeners, notifier,
-                    reopen_logs=lambda: reopen_log_files(reopenable))
-        loop.install_signals()      # before "listening": a TERM from then on drains
+                    reopen_logs=lambda: reopen_log_files(reopenable), wakeup=wakeup)
+        loop.install_signals()      # SIGINT drains from now on, never raises
         edge.install(loop)
         if not core.start():        # on_start raised: what it prepares is missing
             core.stop(run_on_stop=False)
-            _release(listeners, edge, pidfile)
+            _release(listeners, edge, pidfile, wakeup)
             return start_failed(f"{config.script}: on_start failed (its traceback is "
                                 "in the log); not serving", detached, config.daemon)
+        stop = wakeup.stop_pending      # it came during on_start, say
+        if stop is not None:
+            core.stop()
+            _release(listeners, edge, pidfile, wakeup)
+            return _stopped_before_serving(stop, detached)
         if inherited and config.port is not None:
             log.warning("--port %d ignored: serving the sockets systemd passed "
                         "(LISTEN_FDS)", config.port)
@@ -289,8 +305,9 @@ def run(config: Config, inherited: list) -> int:
     return 0
 
 
-def _release(listeners: list, edge: Edge | None, pidfile: PidFile | None) -> None:
-    """Give back what a failed start-up took, before the failure is reported:
+def _release(listeners: list, edge: Edge | None, pidfile: PidFile | None,
+             wakeup: Wakeup) -> None:
+    """Give back what a start-up that ends early took, before saying why:
     a ``--daemon``'s waiting command may start the next instance at once."""
     for sock in listeners:
         sock.close()
@@ -298,6 +315,16 @@ def _release(listeners: list, edge: Edge | None, pidfile: PidFile | None) -> Non
         edge.close()
     if pidfile is not None:
         pidfile.release()
+    wakeup.close_for_exit()     # a second TERM now must not turn exit 0 into 143
+
+
+def _stopped_before_serving(signum: int, detached: Detached | None) -> int:
+    """A TERM or INT came during start-up: a clean stop, not a failure."""
+    message = f"{signal.Signals(signum).name} during start-up: stopped before serving"
+    log.info("%s", message)
+    if detached is not None:    # the command that waits did not get a daemon
+        detached.failed(message)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -117,7 +117,8 @@ class Loop:
 
     def __init__(self, core: Core, config: Config, listeners: list[socket.socket],
                  notifier: Notifier | None = None,
-                 reopen_logs: Callable[[], None] | None = None) -> None:
+                 reopen_logs: Callable[[], None] | None = None,
+                 wakeup: Wakeup | None = None) -> None:
         self.core = core
         self.config = config
         self.notifier = notifier or Notifier(None)
@@ -137,7 +138,7 @@ class Loop:
         self.draining = False
         self.running = False
         self._emfile_logged = False
-        self._wakeup = Wakeup()
+        self._wakeup = wakeup or Wakeup()     # the CLI's routes signals from start-up on
         core.wake = self._wakeup.wake
         # Edge features (mpxd.edge), empty unless TLS, unix sockets, access
         # rules, rate limits or --control are used: per-listener hooks that

@@ -27,7 +27,7 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from .signals import HANDLED_SIGNALS
+from .signals import HANDLED_SIGNALS, StopDuringStartup
 
 # The signals a script's import must leave as mpxd has them.
 KEPT_SIGNALS = HANDLED_SIGNALS + (signal.SIGPIPE,)
@@ -195,8 +195,8 @@ def load_script(path: str, interruptible: bool = True) -> Handlers:
     unreadable file, a syntax error (with its line number), an exception
     while the module runs, or a missing or non-callable ``handle_request``.
     A KeyboardInterrupt (the user's ^C) goes through, unless not
-    ``interruptible``: a running daemon's SIGINT does not raise one, so
-    there it is the script's own error too.
+    ``interruptible``: a daemon's SIGINT does not raise one, so there it is
+    the script's own error too.  ``StopDuringStartup`` always goes through.
     """
     path = os.path.abspath(path)
     try:
@@ -296,7 +296,8 @@ def _run_and_check(path: str, code: types.CodeType, interruptible: bool) -> Hand
         raise ScriptError(f"{path}: called exit({e.code}) at import") from None
     except BaseException as e:  # noqa: BLE001 - any failure is the script's
         sys.modules.pop(name, None)
-        if isinstance(e, KeyboardInterrupt) and interruptible:
+        if isinstance(e, StopDuringStartup) or (isinstance(e, KeyboardInterrupt)
+                                                and interruptible):
             raise
         raise ScriptError(_describe_exception(path, e)) from None
 

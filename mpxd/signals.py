@@ -10,12 +10,14 @@ threads use the same socketpair (``wake``) to hand results to the loop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import time
+from typing import Iterator
 
-__all__ = ["Wakeup", "HANDLED_SIGNALS"]
+__all__ = ["Wakeup", "HANDLED_SIGNALS", "StopDuringStartup"]
 
 # USR2 is handled only to be ignored: its default action kills the process,
 # and operators used to nginx or gunicorn send it for a binary upgrade.
@@ -29,6 +31,18 @@ STUCK_MESSAGE = (b"mpxd: 3 stop signals in %.0fs and the loop took up none: a ha
                  b"is stuck; exiting now, without a drain\n")
 
 
+class StopDuringStartup(BaseException):
+    """A TERM or INT came while mpxd was still starting (a slow script import).
+
+    A BaseException, like KeyboardInterrupt, so that the script's own
+    ``except Exception`` does not swallow it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class Wakeup:
     """A socketpair that signals and threads write to and the loop reads."""
 
@@ -40,6 +54,7 @@ class Wakeup:
         self._stops: list[float] = []      # when each pending stop signal came
         self._previous: dict[int, object] = {}
         self._previous_fd: int | None = None
+        self._interrupting = False
 
     def fileno(self) -> int:
         """The end the loop polls for readability."""
@@ -57,6 +72,33 @@ class Wakeup:
                                                  warn_on_full_buffer=False)
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._record)
+
+    @contextlib.contextmanager
+    def interrupting(self) -> Iterator[None]:
+        """Make a TERM or INT raise ``StopDuringStartup`` in the code inside.
+
+        For start-up work that may take long (the script's import): the
+        loop, which would take the signal up, does not run yet.  Raised also
+        on the way in and out if a stop signal is pending: one that came
+        just before, or that the code inside caught and went on.
+        """
+        self._raise_if_stop_pending()
+        self._interrupting = True
+        try:
+            yield
+        finally:
+            self._interrupting = False
+        self._raise_if_stop_pending()
+
+    def _raise_if_stop_pending(self) -> None:
+        pending = self.stop_pending
+        if pending is not None:
+            raise StopDuringStartup(pending)
+
+    @property
+    def stop_pending(self) -> int | None:
+        """The first TERM or INT not taken up yet, if any."""
+        return next((signum for signum in self.pending if signum in STOP_SIGNALS), None)
 
     def uninstall(self) -> None:
         """Give the signals back to the handlers they had before ``install``."""
@@ -78,6 +120,9 @@ class Wakeup:
             if len(self._stops) >= 3 and now - self._stops[0] >= STUCK_AFTER:
                 os.write(2, STUCK_MESSAGE % (now - self._stops[0]))
                 os._exit(1)
+            if self._interrupting:
+                self._interrupting = False      # once: cleanup code is not interrupted
+                raise StopDuringStartup(signum)
 
     def wake(self) -> None:
         """Make the loop's poll return soon; callable from any thread."""

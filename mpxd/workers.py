@@ -31,8 +31,8 @@ Sockets passed by systemd (``LISTEN_FDS``) are inherited by every worker
 instead: one shared listening socket, no ``SO_REUSEPORT``.
 
 Workers are forked with TERM/INT/HUP/USR1 blocked and unblock them once
-their loop's handlers are installed, so a signal forwarded during start-up
-is delayed, never lost.  Each worker runs in its own process group (a
+their own handlers are installed, so a signal forwarded during start-up is
+never lost; a TERM stops a worker's slow script import at once.  Each worker runs in its own process group (a
 Ctrl-C in the terminal reaches the parent only, which forwards it once) and
 gets SIGTERM from the kernel if the parent dies (``PR_SET_PDEATHSIG``).
 
@@ -66,7 +66,7 @@ from .loop import MAX_WAIT, USR2_IGNORED, Loop
 from .pidfile import PidFile, PidFileError
 from .privileges import PrivilegeError, drop_privileges
 from .script import ScriptError, load_script
-from .signals import HANDLED_SIGNALS, Wakeup
+from .signals import HANDLED_SIGNALS, StopDuringStartup, Wakeup
 from .systemd import Notifier
 from .timers import TimerHeap
 
@@ -237,6 +237,10 @@ class Supervisor:
                 log.info("second stop signal: passing it on, workers close sessions now")
             else:
                 self._stop(f"shutting down: stopping {self._alive()} workers")
+                if not self.announced and self.detached is not None:
+                    # The --daemon command still waits: it got no daemon.
+                    self.detached.failed(f"{signal.Signals(signum).name} during "
+                                         "start-up: stopped before serving")
             self._forward(signum)
         elif signum == signal.SIGHUP:
             if self.stopping:
@@ -473,18 +477,30 @@ def _serve_as_worker(config: Config, number: int, status_fd: int,
     ``heartbeat``: under a systemd watchdog, the pipe stays open after
     "ready" and the loop writes "alive" on it every ``heartbeat`` seconds.
     """
+    # Forwarded signals were blocked since the fork, so that none met the
+    # parent's handlers; from now on they are this worker's own, and a
+    # TERM stops a slow import at once, as in a single process.
+    wakeup = Wakeup()
+    wakeup.install()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     try:
         listeners = shared or bind_listeners(config.hosts, port, config.backlog,
                                              reuse_port=True, warn=False)
         edge = Edge.open(config)        # TLS files, rules, limits: per worker
         drop_privileges(config.user, config.group)
         _die_with_parent(parent)
-        handlers = load_script(config.script)
+        with wakeup.interrupting():
+            handlers = load_script(config.script, interruptible=False)
     except (ListenError, PrivilegeError, ScriptError) as e:
         _report(status_fd, f"error {e}")
         return 1
+    except StopDuringStartup as e:
+        wakeup.close_for_exit()
+        log.info("worker %d: %s during start-up: stopped before serving", number, e)
+        return 0
     core = Core(handlers, config)
-    loop = Loop(core, config, listeners, Notifier(None), reopen_logs=reopen_logs)
+    loop = Loop(core, config, listeners, Notifier(None), reopen_logs=reopen_logs,
+                wakeup=wakeup)
     loop.install_signals()
     edge.install(loop)
     if not core.start():                # on_start raised (logged): do not serve
@@ -492,8 +508,6 @@ def _serve_as_worker(config: Config, number: int, status_fd: int,
         _report(status_fd, f"error {config.script}: on_start failed in worker {number} "
                            "(its traceback is in the log); not serving")
         return 1
-    # Forwarded signals were blocked since the fork; now the loop handles them.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     # "ready" from the loop's first pass: on_start has run and it accepts.
     core.call_later(0, _report, status_fd, "ready", heartbeat is None)
     if heartbeat is not None:

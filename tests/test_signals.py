@@ -20,7 +20,8 @@ import pexpect
 import pytest
 
 from conftest import HANDLERS, wait_until
-from mpxd.signals import Wakeup
+from spawn import mpxd  # noqa: F401 - a fixture
+from mpxd.signals import StopDuringStartup, Wakeup
 
 # VERSION is what HUP tests change; s.handle counts this session's requests.
 SCRIPT = """\
@@ -132,6 +133,30 @@ def test_wakeup_uninstall_restores_the_previous_wakeup_fd():
     wakeup.install((signal.SIGUSR2,))
     wakeup.close()
     assert signal.set_wakeup_fd(-1) == -1      # nothing left installed
+
+
+def test_interrupting_raises_for_a_stop_signal_once_and_keeps_it_pending():
+    wakeup = Wakeup()
+    try:
+        wakeup.install((signal.SIGUSR1, signal.SIGINT))
+        with wakeup.interrupting():
+            os.kill(os.getpid(), signal.SIGUSR1)    # not a stop: no exception
+        assert wakeup.stop_pending is None
+        with pytest.raises(StopDuringStartup) as raised:
+            with wakeup.interrupting():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)                       # the handler raises before this ends
+        assert raised.value.signum == signal.SIGINT
+        assert wakeup.stop_pending == signal.SIGINT
+        with pytest.raises(StopDuringStartup):      # still pending: raised on the way in
+            with wakeup.interrupting():
+                pass
+        assert wakeup.drain() == [signal.SIGUSR1, signal.SIGINT]
+        assert wakeup.stop_pending is None
+        os.kill(os.getpid(), signal.SIGINT)         # outside: only recorded
+        assert wakeup.stop_pending == signal.SIGINT
+    finally:
+        wakeup.close()
 
 
 def test_close_for_exit_leaves_stop_signals_ignored_not_fatal():
@@ -424,6 +449,105 @@ def test_a_script_cannot_make_a_leaving_client_kill_the_daemon(daemon, tmp_path)
     c.send("still here\n")
     assert len(c.readline()) == 100000
     assert d.stop() == 0
+
+
+# ------------------------------------------------------- during start-up
+
+SLOW_START = """\
+import pathlib, time
+pathlib.Path({marker!r}).write_text("importing")
+try:
+    time.sleep({import_sleep})          # a slow import: a model, a database, ...
+except {caught}:
+    pass
+def on_start(server):
+    pathlib.Path({marker!r}).write_text("starting")
+    time.sleep({start_sleep})
+def on_stop(server):
+    pathlib.Path({marker!r}).write_text("on_stop ran")
+def handle_request(s):
+    s.response = "ok"
+"""
+
+
+def slow_script(tmp_path, caught: str = "ZeroDivisionError", import_sleep: float = 30,
+                start_sleep: float = 0) -> tuple[str, str]:
+    """A script that sleeps at import and in on_start; its marker file says where it is."""
+    marker = str(tmp_path / "marker")
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_START.format(marker=marker, caught=caught,
+                                        import_sleep=import_sleep, start_sleep=start_sleep))
+    return str(script), marker
+
+
+def wait_for_marker(marker: str, text: str) -> None:
+    assert wait_until(lambda: os.path.exists(marker) and open(marker).read() == text,
+                      timeout=10), f"the script never wrote {text!r}"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_during_a_slow_import_stops_cleanly_at_once(mpxd, tmp_path, signum):
+    # It used to kill mpxd (status 143, nothing logged), leaving the
+    # pidfile and the unix socket file behind.
+    script, marker = slow_script(tmp_path)
+    pidfile, unix = tmp_path / "mpxd.pid", tmp_path / "mpxd.sock"
+    d = mpxd(["--port", "0", "--host", "127.0.0.1", "--pidfile", str(pidfile),
+              "--unix", str(unix), script])
+    wait_for_marker(marker, "importing")
+    assert pidfile.exists() and unix.exists()
+    d.signal(signum)
+    assert d.wait(timeout=5) == 0                       # not after the 30 s sleep
+    name = signal.Signals(signum).name
+    assert f"{name} during start-up: stopped before serving" in d.log()
+    assert "listening on" not in d.log()
+    assert open(marker).read() == "importing"           # no on_start, so no on_stop
+    assert not pidfile.exists() and not unix.exists()
+
+
+def test_a_script_that_swallows_the_stop_is_still_not_started(mpxd, tmp_path):
+    script, marker = slow_script(tmp_path, caught="BaseException")
+    d = mpxd(["--port", "0", "--host", "127.0.0.1", script])
+    wait_for_marker(marker, "importing")
+    d.signal(signal.SIGTERM)
+    assert d.wait(timeout=5) == 0, d.log()
+    assert "SIGTERM during start-up: stopped before serving" in d.log()
+    assert open(marker).read() == "importing"           # on_start did not run
+
+
+def test_a_stop_signal_during_on_start_runs_on_stop_and_does_not_serve(mpxd, tmp_path):
+    script, marker = slow_script(tmp_path, import_sleep=0, start_sleep=1)
+    d = mpxd(["--port", "0", "--host", "127.0.0.1", script])
+    wait_for_marker(marker, "starting")
+    d.signal(signal.SIGTERM)                # on_start is not interrupted
+    assert d.wait(timeout=5) == 0
+    assert open(marker).read() == "on_stop ran"
+    assert "SIGTERM during start-up: stopped before serving" in d.log()
+    assert "listening on" not in d.log()
+
+
+def test_other_signals_during_start_up_are_not_fatal_and_wait_for_the_loop(mpxd, tmp_path):
+    # Their default actions killed mpxd; a HUP reloads once it serves.
+    script, marker = slow_script(tmp_path, import_sleep=1)
+    d = mpxd(["--port", "0", "--host", "127.0.0.1", script])
+    wait_for_marker(marker, "importing")
+    for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        d.signal(signum)
+    d.wait_listening()
+    d.wait_for(r"reloading .*slow\.py")
+    d.wait_for(r"USR2 ignored")
+    assert d.stop() == 0
+
+
+def test_a_daemon_stopped_during_start_up_fails_its_launcher(mpxd, tmp_path):
+    script, marker = slow_script(tmp_path)
+    pidfile = tmp_path / "mpxd.pid"
+    launcher = mpxd(["--daemon", "--port", "0", "--host", "127.0.0.1",
+                     "--pidfile", str(pidfile), script])
+    wait_for_marker(marker, "importing")
+    os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    assert launcher.wait(timeout=5) == 1
+    assert "Error: SIGTERM during start-up: stopped before serving" in launcher.stderr()
+    assert not pidfile.exists()
 
 
 def test_hup_during_drain_is_ignored(daemon, recording):

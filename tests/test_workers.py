@@ -283,6 +283,32 @@ def test_a_signal_during_start_up_is_not_lost(pid_script):
         child.stderr.close()
 
 
+def test_term_during_a_slow_import_stops_the_workers_at_once(write_script, tmp_path):
+    """A worker's import used to run to its end before the TERM was taken up."""
+    marker = tmp_path / "imports"
+    script = write_script("import os, time\n"
+                          f"with open({str(marker)!r}, 'a') as f: f.write('x')\n"
+                          "time.sleep(30)\n"
+                          "def handle_request(s):\n"
+                          "    s.response = 'ok'\n")
+    child = subprocess.Popen(
+        MPXD + ["--workers", "2", "--port", "0", "--host", "127.0.0.1", script],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: marker.exists() and marker.read_text() == "xx",
+                          timeout=10)
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=5) == 0
+        log = child.stderr.read()
+        assert log.count("SIGTERM during start-up: stopped before serving") == 2, log
+        assert "listening on" not in log
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stderr.close()
+
+
 def test_connections_spread_over_the_workers(daemon, pid_script):
     d = daemon(pid_script, "--workers", "2")
     clients = [LineClient(d.address) for _ in range(40)]
