@@ -89,6 +89,42 @@ class AccessRules:
                 return allowed
         return self.default
 
+    def mistakes(self, listening: Iterable[tuple[str, str]]) -> list[str]:
+        """Rules that cannot mean what they say, for warnings at start-up.
+
+        ``listening``: ``(host, shown)`` for each TCP socket, the bound
+        address and how logs show the socket.  Reported: an ``--allow``
+        that the same network's ``--deny`` always overrules; a loopback
+        socket whose own address is refused (only local clients reach it:
+        ``--allow 10.0.0.0/8`` with the default ``--host``); a socket whose
+        whole address family is refused.
+        """
+        found = []
+        denied = {network for network, allowed in self.rules if not allowed}
+        for network, allowed in self.rules:
+            if allowed and network in denied:
+                found.append(f"--allow {network} has no effect: --deny {network}, "
+                             "the same network, wins the tie")
+        for host, shown in listening:
+            address = _address(host)
+            if address.is_loopback and not self.allows(host):
+                found.append(f"listening on {shown}, where only clients on this machine "
+                             f"connect, but --allow/--deny refuse {address}: "
+                             "none of them can connect")
+            elif not address.is_loopback and self._refuses_all(address.version, denied):
+                found.append(f"--allow/--deny refuse every IPv{address.version} "
+                             f"client: nobody can connect to {shown}")
+        return found
+
+    def _refuses_all(self, version: int, denied: set[Network]) -> bool:
+        """Whether no IPv``version`` address can be allowed (exact but for
+        several denies that together cover an allow: never a false alarm)."""
+        rules = self._by_version[version]
+        if any(allowed and network not in denied for network, allowed in rules):
+            return False
+        return not self.default or any(network.prefixlen == 0 for network in denied
+                                       if network.version == version)
+
     def describe(self) -> list[str]:
         """The rules in the order they are tried, for logs and ``--help`` checks."""
         lines = [f"{'allow' if allowed else 'deny'} {network}"

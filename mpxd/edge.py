@@ -215,8 +215,12 @@ class Edge:
         for listener in self.unix + ([self.control_listener] if self.control_listener else []):
             listener.chown(uid, gid)
 
-    def install(self, loop: Loop) -> None:
-        """Give the loop its admission hooks, reload hook and control channel."""
+    def install(self, loop: Loop, warn: bool = True) -> None:
+        """Give the loop its admission hooks, reload hook and control channel.
+
+        ``warn``: say which access rules cannot mean what they say (the
+        ``--workers`` after the first do not repeat it).
+        """
         config = self.config
         core = loop.core
         gate = None
@@ -229,6 +233,10 @@ class Edge:
             if rules is not None:
                 log.debug("access rules, in the order tried: %s",
                           "; ".join(rules.describe()))
+                tcp = [(sock.getsockname()[0], describe(sock))
+                       for sock in loop.listeners.values() if sock.family != socket.AF_UNIX]
+                for mistake in rules.mistakes(tcp) if warn else ():
+                    log.warning("%s", mistake)
         if config.max_rate:
             self.rate = RateLimit(core, config.max_rate)
         if self.tls is not None:

@@ -502,7 +502,7 @@ def _serve_as_worker(config: Config, number: int, status_fd: int,
     loop = Loop(core, config, listeners, Notifier(None), reopen_logs=reopen_logs,
                 wakeup=wakeup)
     loop.install_signals()
-    edge.install(loop)
+    edge.install(loop, warn=number == 1)   # a warning about the options: once
     if not core.start():                # on_start raised (logged): do not serve
         core.stop(run_on_stop=False)
         _report(status_fd, f"error {config.script}: on_start failed in worker {number} "

@@ -62,6 +62,33 @@ def test_rules_describe_the_order_they_are_tried_in():
                                 "allow 10.0.0.0/8", "deny everything else"]
 
 
+@pytest.mark.parametrize("allow, deny, listening, expected", [
+    # The rules said nothing: --allow 10.0.0.0/8 tried out on the default
+    # --host, where every client comes from 127.0.0.1 or ::1, refused all.
+    (("10.0.0.0/8",), (), ["127.0.0.1", "::1"],
+     ["listening on S127.0.0.1, where only clients on this machine connect, but "
+      "--allow/--deny refuse 127.0.0.1: none of them can connect",
+      "listening on S::1, where only clients on this machine connect, but "
+      "--allow/--deny refuse ::1: none of them can connect"]),
+    (("0.0.0.0/0",), ("0.0.0.0/0",), ["0.0.0.0"],
+     ["--allow 0.0.0.0/0 has no effect: --deny 0.0.0.0/0, the same network, wins the tie",
+      "--allow/--deny refuse every IPv4 client: nobody can connect to S0.0.0.0"]),
+    (("10.0.0.0/8",), (), ["0.0.0.0", "::"],
+     ["--allow/--deny refuse every IPv6 client: nobody can connect to S::"]),
+    ((), ("::/0",), ["::"],
+     ["--allow/--deny refuse every IPv6 client: nobody can connect to S::"]),
+    # Rules that mean what they say: nothing to report.
+    (("10.0.0.0/8",), ("10.1.0.0/16",), ["0.0.0.0"], []),
+    ((), ("10.0.0.0/8",), ["127.0.0.1", "::1", "0.0.0.0", "::"], []),
+    (("127.0.0.1", "::1"), (), ["127.0.0.1", "::1"], []),
+    (("10.1.2.3",), ("0.0.0.0/0",), ["0.0.0.0"], []),
+    (("10.0.0.0/8",), ("10.0.0.0/9", "10.128.0.0/9"), ["0.0.0.0"], []),  # see _refuses_all
+])
+def test_rules_that_cannot_mean_what_they_say_are_named(allow, deny, listening, expected):
+    rules = AccessRules(allow, deny)
+    assert rules.mistakes([(host, "S" + host) for host in listening]) == expected
+
+
 def test_bad_networks_are_rejected():
     for text in ("10.0.0.0/33", "localhost", "1.2.3"):
         with pytest.raises(ValueError, match="not an IPv4 or IPv6"):
@@ -229,6 +256,14 @@ def test_more_specific_deny_inside_an_allowed_network(mpxd, handler):  # noqa: F
     assert not greeted("127.0.0.1", d.port)
     if ipv6_loopback():
         assert greeted("::1", d.port)
+    assert d.stop() == 0
+
+
+def test_rules_that_refuse_every_client_are_warned_about_at_start(mpxd, handler):  # noqa: F811
+    d = start(mpxd, handler, "--allow", "10.0.0.0/8")
+    d.wait_for(r"WARNING listening on 127\.0\.0\.1:\d+, where only clients on this machine "
+               r"connect, but --allow/--deny refuse 127\.0\.0\.1: none of them can connect")
+    assert not greeted("127.0.0.1", d.port)       # and so it is
     assert d.stop() == 0
 
 
