@@ -275,7 +275,7 @@ def run(config: Config, inherited: list) -> int:
         core = Core(handlers, config)
         loop = Loop(core, config, listeners, notifier,
                     reopen_logs=lambda: reopen_log_files(reopenable), wakeup=wakeup)
-        loop.install_signals()      # SIGINT drains from now on, never raises
+        loop.install_signals()      # from now on a KeyboardInterrupt is user code's own
         edge.install(loop)
         if not core.start():        # on_start raised: what it prepares is missing
             core.stop(run_on_stop=False)

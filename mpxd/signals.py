@@ -6,6 +6,10 @@ A Python signal handler that only sets a flag does not wake ``poll()`` (PEP
 a non-blocking socketpair.  The other end sits in the poll set; when it turns
 readable the loop drains it and dispatches each recorded signal.  Worker
 threads use the same socketpair (``wake``) to hand results to the loop.
+
+The one exception is start-up, before the loop runs: inside
+``interrupting()`` (the script's import) a TERM or INT raises
+``StopDuringStartup``, as ^C raises KeyboardInterrupt in any Python program.
 """
 
 from __future__ import annotations
