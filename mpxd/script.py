@@ -3,7 +3,8 @@
 The script is a plain Python file given by path.  It is compiled from its
 source text (never from a cached ``.pyc``: a script rewritten within the same
 second must reload as written), executed once as a module under a private
-name, and checked for what it must define.  Its directory is put on
+name (and known by its file's name too, for helpers that import it), and
+checked for what it must define.  Its directory is put on
 ``sys.path`` so it can import helpers that live beside it.
 
 Every failure becomes a ``ScriptError`` whose message names the file and the
@@ -16,6 +17,7 @@ import contextlib
 import functools
 import inspect
 import itertools
+import keyword
 import logging
 import os
 import pwd
@@ -288,14 +290,43 @@ def _run_and_check(path: str, code: types.CodeType, interruptible: bool) -> Hand
     name = f"_mpxd_script_{next(_load_counter)}"
     module = types.ModuleType(name)
     module.__file__ = path
-    sys.modules[name] = module
+    names = [name] + _natural_name(path)
+    for each in names:
+        sys.modules[each] = module
+    try:
+        return _execute_and_collect(path, code, module, interruptible)
+    except BaseException:
+        for each in names:
+            if sys.modules.get(each) is module:
+                del sys.modules[each]
+        raise
+
+
+def _natural_name(path: str) -> list[str]:
+    """``[NAME]`` if ``import NAME`` would find the script at ``path``, and NAME is free.
+
+    The module is then known by that name too, so a helper's ``import game``
+    (for ``game.py``) gets the very module mpxd runs, globals and all.
+    Without it, the import ran the file a second time as a separate copy,
+    and the helper silently saw other globals (an empty player list, say).
+    """
+    stem, extension = os.path.splitext(os.path.basename(path))
+    if extension != ".py" or not stem.isidentifier() or keyword.iskeyword(stem) \
+            or stem in sys.stdlib_module_names:
+        return []
+    holder = sys.modules.get(stem)
+    if holder is not None and getattr(holder, "__file__", None) != path:
+        return []           # another module has that name: import finds that one
+    return [stem]
+
+
+def _execute_and_collect(path: str, code: types.CodeType, module: types.ModuleType,
+                         interruptible: bool) -> Handlers:
     try:
         _run_without_a_server(code, module)
     except SystemExit as e:
-        sys.modules.pop(name, None)
         raise ScriptError(f"{path}: called exit({e.code}) at import") from None
     except BaseException as e:  # noqa: BLE001 - any failure is the script's
-        sys.modules.pop(name, None)
         if isinstance(e, StopDuringStartup) or (isinstance(e, KeyboardInterrupt)
                                                 and interruptible):
             raise
@@ -303,25 +334,19 @@ def _run_and_check(path: str, code: types.CodeType, interruptible: bool) -> Hand
 
     handle_request = getattr(module, "handle_request", None)
     if handle_request is None:
-        sys.modules.pop(name, None)
         raise ScriptError(f"{path}: does not define handle_request(s)")
     if not callable(handle_request):
-        sys.modules.pop(name, None)
         raise ScriptError(f"{path}: handle_request is not callable "
                           f"(it is {_kind(handle_request)})")
-    try:
-        _refuse_deferred(path, "handle_request", handle_request)
-        _refuse_wrong_arity(path, "handle_request", handle_request)
-        return Handlers(
-            path=path,
-            module=module,
-            handle_request=handle_request,
-            handle_open=_optional(module, path, "handle_open"),
-            handle_close=_optional(module, path, "handle_close"),
-            on_start=_optional(module, path, "on_start"),
-            on_stop=_optional(module, path, "on_stop"),
-            on_reload=_optional(module, path, "on_reload"),
-        )
-    except ScriptError:
-        sys.modules.pop(name, None)
-        raise
+    _refuse_deferred(path, "handle_request", handle_request)
+    _refuse_wrong_arity(path, "handle_request", handle_request)
+    return Handlers(
+        path=path,
+        module=module,
+        handle_request=handle_request,
+        handle_open=_optional(module, path, "handle_open"),
+        handle_close=_optional(module, path, "handle_close"),
+        on_start=_optional(module, path, "on_start"),
+        on_stop=_optional(module, path, "on_stop"),
+        on_reload=_optional(module, path, "on_reload"),
+    )

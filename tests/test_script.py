@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 import uuid
 
 import pytest
@@ -257,10 +258,55 @@ def test_keyboard_interrupt_at_import_is_a_script_error_only_when_not_interrupti
 
 
 def test_a_failed_load_leaves_no_module_behind(write_script):
-    path = write_script("raise ValueError('nope')\n")
+    stem = f"mpxd_test_broken_{uuid.uuid4().hex}"
+    path = write_script("raise ValueError('nope')\n", name=f"{stem}.py")
     before = {name for name in sys.modules if name.startswith("_mpxd")}
     load_error(path)
     assert {name for name in sys.modules if name.startswith("_mpxd")} == before
+    assert stem not in sys.modules
+
+
+def test_a_helper_importing_the_script_gets_the_running_module_not_a_copy(tmp_path):
+    # Its "import game" used to run game.py again as a second module, and the
+    # helper saw that copy's globals: an empty player list, silently.
+    game, helper = (f"mpxd_test_{kind}_{uuid.uuid4().hex}" for kind in ("game", "helper"))
+    (tmp_path / f"{helper}.py").write_text(f"import {game}\n"
+                                           "def count():\n"
+                                           f"    return len({game}.players)\n")
+    path = tmp_path / f"{game}.py"
+    path.write_text(f"import {helper}\n"
+                    "players = []\n"
+                    "def handle_request(s):\n"
+                    "    players.append(s.request)\n"
+                    f"    s.response = str({helper}.count())\n")
+
+    def answer(handlers) -> str:
+        class Fake:
+            request, response = "ann", ""
+        s = Fake()
+        handlers.handle_request(s)
+        return s.response
+
+    first = load_script(str(path))
+    assert sys.modules[game] is first.module
+    assert [answer(first), answer(first)] == ["1", "2"]
+    second = load_script(str(path))             # a HUP reload
+    assert sys.modules[game] is second.module
+    assert answer(second) == "1"
+    with open(path, "a") as f:
+        f.write("raise ValueError('broken version')\n")
+    load_error(str(path))
+    assert sys.modules[game] is second.module   # the version still serving
+
+
+def test_the_script_takes_no_name_another_module_has(write_script):
+    stem = f"mpxd_test_taken_{uuid.uuid4().hex}"
+    other = sys.modules[stem] = types.ModuleType(stem)
+    try:
+        load_script(write_script("def handle_request(s): pass\n", name=f"{stem}.py"))
+        assert sys.modules[stem] is other
+    finally:
+        del sys.modules[stem]
 
 
 def test_a_helper_module_beside_the_script_is_importable(tmp_path, write_script):
