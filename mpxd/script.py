@@ -174,11 +174,18 @@ def _describe_exception(path: str, exc: BaseException) -> str:
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if os.path.abspath(f.filename) == path]
     where = f" (line {frames[-1].lineno})" if frames else ""
-    return f"{path}: exception at import{where}: {type(exc).__name__}: {exc}{_hint(exc)}"
+    return f"{path}: exception at import{where}: {type(exc).__name__}: {exc}{_hint(exc, path)}"
 
 
-def _hint(exc: BaseException) -> str:
+def _hint(exc: BaseException, path: str) -> str:
     """What to do about the import errors that do not say it themselves."""
+    if isinstance(exc, ImportError) and (exc.name or "").startswith("_mpxd_script_"):
+        # "cannot import name 'x' from '_mpxd_script_1'": a circular import,
+        # which Python names as such only for modules that have a spec.
+        stem = os.path.splitext(os.path.basename(path))[0]
+        return (f" (a circular import: a helper imports from the script while the script "
+                f"is still importing that helper; in the helper, write 'import {stem}' "
+                f"and use '{stem}.NAME' inside its functions)")
     if isinstance(exc, ImportError) and "relative import" in str(exc):
         return (" (a script is no package's module: import helpers beside it "
                 "absolutely, as 'from helpers import ...'; its directory is importable)")

@@ -123,6 +123,18 @@ def test_a_relative_import_says_how_to_import_helpers(tmp_path, write_script):
                             "directory is importable)")
 
 
+def test_a_circular_import_says_so_and_how_to_write_the_helper(tmp_path, write_script):
+    game, helper = (f"mpxd_test_{kind}_{uuid.uuid4().hex}" for kind in ("game", "helper"))
+    (tmp_path / f"{helper}.py").write_text(f"from {game} import players\n")
+    message = load_error(write_script(f"import {helper}\nplayers = []\n"
+                                      "def handle_request(s): pass\n", name=f"{game}.py"))
+    assert "(line 1): ImportError: cannot import name 'players'" in message
+    assert message.endswith(f"(a circular import: a helper imports from the script while "
+                            f"the script is still importing that helper; in the helper, "
+                            f"write 'import {game}' and use '{game}.NAME' inside its "
+                            f"functions)")
+
+
 def test_a_missing_module_says_which_python_needs_it(write_script):
     # The classic: installed with another Python than the one running mpxd.
     message = load_error(write_script("import surely_not_installed_anywhere\n"
