@@ -426,7 +426,7 @@ def test_a_broken_script_stops_start_up_with_exit_1(write_script):
     ["--idle-timeout", "nan"], ["--idle-timeout", "inf"], ["--drain-timeout", "nan"],
     ["--drain-timeout", "inf"], ["--max-rate", "nan"], ["--max-rate", "inf"],
     ["--max-rate", "-1"], ["--tls-handshake-timeout", "inf"], ["--host", ""],
-    ["--host", "127.0.0.1", "--host", " "],
+    ["--host", "127.0.0.1", "--host", " "], ["--pidfile", ""], ["--log-file", " "],
 ])
 def test_a_bad_option_value_is_a_usage_error(args):
     # --check: with good values this exits 0 (no --port needed, no server
