@@ -451,13 +451,13 @@ def drain(ctx: click.Context, control: str | None, pidfile: str | None,
 
 
 @main.command("log-level")
-@click.argument("level", type=click.Choice(["debug", "info", "warning", "error"],
-                                           case_sensitive=False))
+@click.argument("level", metavar="LEVEL",
+                type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @_target_options
 @click.pass_context
 def log_level(ctx: click.Context, level: str, control: str | None, pidfile: str | None,
               timeout: float) -> None:
-    """Change the daemon's log level until it exits."""
+    """Change the daemon's log level (debug, info, warning, error) until it exits."""
     target = _target(ctx, control, pidfile, timeout)
     _run(lambda: click.echo(target.ask(f"log-level {level.lower()}")[1]))
 
