@@ -32,7 +32,7 @@ import click
 from .access import AccessRules, AddressLimit, Gate, RateLimit, RefusalLog, parse_network
 from .control import ControlServer, ListenerTally
 from .listeners import describe
-from .tls import TLSChannel, TLSServer
+from .tls import EXPIRY_CHECK_INTERVAL, TLSChannel, TLSServer
 from .unix import UnixListener, bind_unix, peer_credentials
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -218,8 +218,9 @@ class Edge:
     def install(self, loop: Loop, warn: bool = True) -> None:
         """Give the loop its admission hooks, reload hook and control channel.
 
-        ``warn``: say which access rules cannot mean what they say (the
-        ``--workers`` after the first do not repeat it).
+        ``warn``: say which access rules cannot mean what they say, and
+        when the TLS certificate expires soon (the ``--workers`` after the
+        first do not repeat it).
         """
         config = self.config
         core = loop.core
@@ -242,6 +243,9 @@ class Edge:
         if self.tls is not None:
             self.tls.loop = loop
             loop.reload_hooks.append(self.tls.reload)
+            if warn:                # a certificate expiring while the daemon runs
+                self.tls.check_expiry()
+                core.call_every(EXPIRY_CHECK_INTERVAL, self.tls.check_expiry)
         for fd, sock in loop.listeners.items():
             unix = sock.family == socket.AF_UNIX
             tally = ListenerTally(describe(sock)) if self.control_listener else None

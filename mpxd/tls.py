@@ -23,9 +23,11 @@ the certificate files again; if that fails the previous ones stay in use.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import logging
 import os
+import re
 import ssl
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -36,7 +38,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .loop import Loop
     from .session import Session
 
-__all__ = ["TLSSetupError", "TLSServer", "TLSChannel", "subject_string"]
+__all__ = ["TLSSetupError", "TLSServer", "TLSChannel", "subject_string",
+           "certificate_expiry", "expiry_problem"]
 
 log = logging.getLogger("mpxd")
 
@@ -45,6 +48,8 @@ OUT = 0x004                     # select.POLLOUT / EPOLLOUT
 READ_SIZE = 64 * 1024           # ciphertext per os.read during the handshake
 RECORD_SIZE = 16 * 1024         # plaintext per SSLObject.read: one TLS record at most
 WRITE_CHUNK = 64 * 1024         # plaintext encrypted per write call
+EXPIRY_WARNING = datetime.timedelta(days=14)    # renewals (certbot's at 30) have failed
+EXPIRY_CHECK_INTERVAL = 24 * 3600.0             # a daemon runs for months: look daily
 
 # RFC 4514 short names for the attributes the ssl module reports by long name
 _SHORT_NAMES = {
@@ -110,6 +115,68 @@ def _pem_problem(cert: str, key: str | None) -> str | None:
     return None
 
 
+def certificate_expiry(path: str) -> datetime.datetime | None:
+    """When the first certificate in PEM file ``path`` expires (UTC), or None if unknown.
+
+    The ``ssl`` module parses only a peer's certificate, so this reads the
+    DER itself, just far enough: Certificate, tbsCertificate, then past
+    version, serial number, signature algorithm and issuer to validity.
+    """
+    try:
+        with open(path, "rb") as f:
+            pem = f.read(1 << 20).decode("ascii", "replace")
+        first = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----",
+                          pem, re.S)
+        if first is None:
+            return None
+        der = ssl.PEM_cert_to_DER_cert(first.group(0))
+        _, tbs, _ = _der_item(der, 0)               # Certificate
+        tag, pos, end = _der_item(der, tbs)         # tbsCertificate
+        tag, start, end = _der_item(der, pos)       # [0] version, or v1's serial number
+        if tag == 0xA0:
+            tag, start, end = _der_item(der, end)   # the serial number
+        for _field in ("signature algorithm", "issuer"):
+            tag, start, end = _der_item(der, end)
+        tag, validity, _ = _der_item(der, end)      # validity: notBefore ...
+        tag, start, end = _der_item(der, _der_item(der, validity)[2])   # ... notAfter
+        text = der[start:end].decode("ascii")
+        if tag == 0x17:                             # UTCTime, YYMMDDHHMMSSZ
+            year = int(text[:2])
+            text = ("19" if year >= 50 else "20") + text
+        return datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(
+            tzinfo=datetime.timezone.utc)
+    except (OSError, ValueError, IndexError):
+        return None                                 # not ours to judge: OpenSSL took it
+
+
+def _der_item(der: bytes, offset: int) -> tuple[int, int, int]:
+    """``(tag, start, end)`` of the DER element at ``offset``: its contents are der[start:end]."""
+    tag, length = der[offset], der[offset + 1]
+    start = offset + 2
+    if length & 0x80:
+        count = length & 0x7F
+        length = int.from_bytes(der[start:start + count], "big")
+        start += count
+    return tag, start, start + length
+
+
+def expiry_problem(path: str, now: datetime.datetime | None = None) -> str | None:
+    """A warning if the certificate in ``path`` has expired or expires within 14 days."""
+    expires = certificate_expiry(path)
+    if expires is None:
+        return None
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    when = expires.strftime("%Y-%m-%d %H:%M UTC")
+    if expires <= now:
+        return (f"TLS certificate {path} expired on {when}: clients that check it "
+                f"refuse to connect; renew it and send HUP")
+    if expires - now <= EXPIRY_WARNING:
+        days = (expires - now) / datetime.timedelta(days=1)
+        return (f"TLS certificate {path} expires on {when}, in {days:.1f} days: "
+                f"renew it and send HUP")
+    return None
+
+
 def _reason(e: BaseException) -> str:
     """A short human reason from an ``ssl.SSLError`` or ``OSError``."""
     if isinstance(e, ssl.SSLCertVerificationError) and e.verify_message:
@@ -160,6 +227,13 @@ class TLSServer:
             log.error("TLS reload failed, still using the previous certificate: %s", e)
             return
         log.info("reloaded TLS certificate %s", self.cert)
+        self.check_expiry()
+
+    def check_expiry(self) -> None:
+        """Warn if the certificate in use has expired or soon will (at start, HUP, daily)."""
+        problem = expiry_problem(self.cert)
+        if problem is not None:
+            log.warning("%s", problem)
 
     def handshake(self, fd: int, peer: Any,
                   done: Callable[[int, Any, TLSChannel], Any]) -> Handshake:

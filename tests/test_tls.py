@@ -7,7 +7,9 @@ another CA) are generated once per module with the ``openssl`` command.
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,7 +23,8 @@ import warnings
 import pexpect
 import pytest
 
-from mpxd.tls import TLSSetupError, make_context, subject_string
+from mpxd.tls import (TLSSetupError, certificate_expiry, expiry_problem, make_context,
+                      subject_string)
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
                                 reason="the openssl command is needed to make test certificates")
@@ -55,7 +58,7 @@ def _key_and_csr(cwd, name: str, subject: str) -> None:
 
 def _sign(cwd, name: str, ca: str, extensions: str = "") -> None:
     args = ["x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey",
-            f"{ca}.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "2"]
+            f"{ca}.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "30"]
     if extensions:
         (cwd / f"{name}.ext").write_text(extensions)
         args += ["-extfile", f"{name}.ext"]
@@ -64,7 +67,7 @@ def _sign(cwd, name: str, ca: str, extensions: str = "") -> None:
 
 def _ca(cwd, name: str, subject: str) -> None:
     _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
+             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "30",
              "-subj", subject, cwd=cwd)
 
 
@@ -386,6 +389,75 @@ def test_the_test_kits_client_trusts_only_the_servers_own_certificate(mpxd_serve
     with pytest.raises(ssl.SSLCertVerificationError):
         server.client()
     assert isinstance(server, Server)
+
+
+# ------------------------------------------------------------ expiry
+
+def _self_signed(cwd, name: str, days: int) -> str:
+    """A certificate (v3, self-signed) valid for ``days``; its path."""
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", str(days),
+             "-subj", "/CN=localhost", cwd=cwd)
+    return str(cwd / f"{name}.pem")
+
+
+def _openssl_end_date(path: str) -> datetime.datetime:
+    out = subprocess.run(["openssl", "x509", "-in", path, "-noout", "-enddate"],
+                         check=True, capture_output=True, text=True).stdout
+    text = out.strip().split("=", 1)[1]                 # Dec  2 03:44:54 2026 GMT
+    return datetime.datetime.strptime(" ".join(text.split()), "%b %d %H:%M:%S %Y GMT") \
+        .replace(tzinfo=datetime.timezone.utc)
+
+
+def test_certificate_expiry_reads_what_openssl_reads(certs, tmp_path):
+    # v3 self-signed (CA), v1 signed by a CA without extensions (alice),
+    # v3 with extensions (server), a year past 2049 (GeneralizedTime).
+    paths = [str(certs / f"{name}.pem") for name in ("ca", "alice", "server")]
+    paths.append(_self_signed(tmp_path, "far", 365 * 40))
+    for path in paths:
+        assert certificate_expiry(path) == _openssl_end_date(path), path
+    assert certificate_expiry(paths[-1]).year >= 2050
+    chain = tmp_path / "chain.pem"                      # leaf first, then its CA
+    chain.write_text((certs / "server.pem").read_text() + (certs / "ca.pem").read_text())
+    assert certificate_expiry(str(chain)) == _openssl_end_date(paths[2])
+    assert certificate_expiry(str(certs / "server.key")) is None
+    assert certificate_expiry(str(tmp_path / "missing.pem")) is None
+    (tmp_path / "garbage.pem").write_text("-----BEGIN CERTIFICATE-----\nAAAA\n"
+                                          "-----END CERTIFICATE-----\n")
+    assert certificate_expiry(str(tmp_path / "garbage.pem")) is None
+
+
+def test_expiry_problem_warns_within_14_days_and_after(certs):
+    path = str(certs / "server.pem")
+    expires = certificate_expiry(path)
+    day = datetime.timedelta(days=1)
+    assert expiry_problem(path, now=expires - 15 * day) is None
+    assert expiry_problem(path, now=expires - 2 * day) == (
+        f"TLS certificate {path} expires on {expires:%Y-%m-%d %H:%M} UTC, in 2.0 days: "
+        f"renew it and send HUP")
+    assert expiry_problem(path, now=expires + day) == (
+        f"TLS certificate {path} expired on {expires:%Y-%m-%d %H:%M} UTC: clients that "
+        f"check it refuse to connect; renew it and send HUP")
+
+
+def test_a_certificate_about_to_expire_is_warned_about_at_start_and_on_hup(
+        mpxd, tmp_path, handler):  # noqa: F811
+    cert = _self_signed(tmp_path, "soon", 3)
+    d = mpxd(["--port", "0", "--host", "127.0.0.1", "--tls-cert", cert,
+              "--tls-key", str(tmp_path / "soon.key"), handler])
+    d.wait_listening()
+    warning = rf"WARNING TLS certificate {re.escape(cert)} expires on .* in [23]\.\d days: "
+    d.wait_for(warning)
+    since = len(d.log())
+    d.signal(signal.SIGHUP)
+    d.wait_for(warning, since=since)
+    assert d.stop() == 0
+
+
+def test_a_certificate_far_from_expiry_is_not_warned_about(mpxd, certs, handler):  # noqa: F811
+    d = start(mpxd, certs, handler)
+    assert d.stop() == 0
+    assert "WARNING" not in d.log()
 
 
 def test_subject_string_escapes_as_rfc4514():
