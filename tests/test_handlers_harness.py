@@ -45,6 +45,18 @@ def test_counter_answers_zero_for_lines_without_a_number(mpxd_harness):
     assert c.send(["12abc", "+1 apples"]) == ["18", "19"]     # sscanf "%d" reads a prefix
 
 
+def test_counter_reads_at_most_100_digits_so_huge_numbers_break_nothing(mpxd_harness):
+    # "9" * 4300, twice, made the global counter 4301 digits long: more than
+    # Python turns into a str, so every "N global" after it failed.
+    h = mpxd_harness(handler("counter.py"))
+    a, b = h.connect(), h.connect()
+    huge, most = "9" * 4300, int("9" * 100)
+    assert a.send([f"{huge} global", f"{huge} global"]) == [str(most), str(2 * most)]
+    assert b.send("1 global") == [str(2 * most + 1)]
+    assert b.send("9" * 5000) == [str(most)]
+    assert not a.closed and not b.closed
+
+
 def test_counter_frees_session_state_on_close(mpxd_harness):
     c = mpxd_harness(handler("counter.py")).connect()
     c.send("1")
