@@ -6,9 +6,10 @@ BIN     := $(VENV)/bin
 PORT    ?= 47110
 SCRIPT  ?= handlers/counter.py
 
-.PHONY: install run test test-unit test-shell netcat redis-server lint man bench soak clean
+.PHONY: install run test test-unit test-shell python-venv netcat redis-server lint man bench soak clean
 
 $(BIN)/mpxd: pyproject.toml
+	@$(MAKE) --no-print-directory python-venv
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
@@ -18,6 +19,24 @@ install: $(BIN)/mpxd  ## create .venv and install mpxd with its test tools
 
 run: install  ## serve the example counter on port $(PORT)
 	$(BIN)/mpxd --port $(PORT) $(SCRIPT)
+
+# Debian's python3 cannot make a virtual environment until python3-venv is
+# installed (no ensurepip): installed when missing and we are root.
+python-venv:
+	@if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing python3-venv (Debian's $(PYTHON) makes no virtual environment without it)"; \
+	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; \
+	    if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
+	      version=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python$$version-venv >/dev/null || true; \
+	    fi; \
+	  fi; \
+	  if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
+	    echo "$(PYTHON) cannot make a virtual environment: run 'sudo apt-get install python3-venv'" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
 
 # netcat-openbsd for the shell tests: installed when missing and we are root.
 netcat:
