@@ -866,11 +866,15 @@ first read went in (`FIRST_READ`, 2026-11-30 evening, the last four with
 the warm-up) gave 1.02 to 1.05 for (a), 1.02 to 1.04 for (b), 1.06 to 1.08
 for (c) and 1.05 to 1.06 for (d). A seventh run (2026-12-01, after that
 night's robustness fixes; load average 0.1, yet every server 4 to 10% slower
-per request than the evening before) gave 1.08, 1.04, 1.09 and 1.08; the
-tables below are still the sixth run's. Alternating runs of the code before
-and after those fixes, taken right after the seventh run, differed by under
-1% (5.56 against 5.59 us per request with 50 connections, 17.8 against 18.1
-under churn), so the fixes are not what moved. Runs taken while other work shared the machine
+per request than the evening before) gave 1.08, 1.04, 1.09 and 1.08.
+Alternating runs of the code before and after those fixes, taken right after
+the seventh run, differed by under 1% (5.56 against 5.59 us per request with
+50 connections, 17.8 against 18.1 under churn), so the fixes are not what
+moved. An eighth and a ninth run (2026-12-01 03:35 and 03:55, the ninth on a
+quiet machine: load average 0.3, no CPU pressure; every server about 15%
+slower per request than on 2026-11-30, uvloop 6.00 us against 5.10) gave
+1.05 and 1.01 for (a), 1.04 and 1.05 for (b), 1.07 and 1.05 for (c), 1.04
+and 1.04 for (d). The tables below are the ninth run's. Runs taken while other work shared the machine
 (2026-11-25) gave 0.75 to 1.05: a busy machine costs uvloop more than mpxd
 (its batches per wake-up get smaller), so compare runs taken together, and
 look at the waiting table before trusting req/s.
@@ -894,9 +898,10 @@ changing the hot path):
   delivering the bytes to the client's socket and waking it), and a share of
   one `epoll_wait`. The system-time table shows that kernel part: mpxd's is
   the lowest of the Python servers, level with the C yardstick's (2.9 to 3.0
-  us against 3.2 to 3.5 for uvloop and the floor, over six runs), because
+  us against 3.2 to 3.5 for uvloop and the floor, over six runs; 3.47 against
+  3.44, 4.01 and 4.08 in the ninth, when the machine was slower), because
   it writes its answers in bursts (see p99 below) and a burst wakes the
-  client once. The rest is user time, where mpxd spends about 2.4 us per
+  client once. The rest is user time, where mpxd spends 2.4 to 2.6 us per
   request against 1.6 to 2.0 for uvloop and 1.5 to 1.6 for the floor; the
   counter handler itself (split, regular expression, `int`, `str`) is 0.5 us
   of it for every server. mpxd's extra 0.8 us over the floor is what a
@@ -948,7 +953,14 @@ changing the hot path):
   14% more CPU per request (every write woke the client side again);
   writing only at the end of the pass made the first sessions of a long
   pass wait for all the others (p99 530 us instead of about 350 at 50 busy
-  connections).
+  connections).  With 16 pipelined, p99 moves between runs more than
+  anything else: 1.01 to 1.10 of uvloop's in the runs up to the eighth, 1.8
+  in all three rounds of the ninth (1.5 ms against 0.86), about twice
+  mpxd's own p50, as if some round trips waited one more loop pass.
+  Alternating runs right after it gave the same tail for the code before
+  and after that day's changes, with `--poller poll` as with epoll, with the
+  garbage collector off, and with `WRITE_EVERY` at 4 or 64 (one run at 4:
+  0.9 ms, the next 1.4); the cause is not found.
 * Tried and dropped (no gain beyond noise): edge-triggered epoll (saves the
   kernel's re-check of each level-triggered descriptor, about 1% for the
   floor loop), switching the garbage collector off, a cheaper way to make
