@@ -956,11 +956,15 @@ changing the hot path):
   connections).  With 16 pipelined, p99 moves between runs more than
   anything else: 1.01 to 1.10 of uvloop's in the runs up to the eighth, 1.8
   in all three rounds of the ninth (1.5 ms against 0.86), about twice
-  mpxd's own p50, as if some round trips waited one more loop pass.
-  Alternating runs right after it gave the same tail for the code before
-  and after that day's changes, with `--poller poll` as with epoll, with the
-  garbage collector off, and with `WRITE_EVERY` at 4 or 64 (one run at 4:
-  0.9 ms, the next 1.4); the cause is not found.
+  mpxd's own p50.  A probe in the loop showed why: a pass took 0.74 ms
+  and found 44 of the 50 connections ready on average; the others sent
+  their next request just after the poll and waited one more pass.  The
+  answers written in the pass's last burst are the likeliest to miss the
+  next poll.  By hand right after, mpxd's p99 stayed at 1.5 to 1.6 ms while
+  the floor loop's moved between 0.9 and 1.5 and uvloop's between 0.83 and
+  1.19; the code before and after that day's changes, `--poller poll`, the
+  garbage collector off and `WRITE_EVERY` at 4 or 64 (one run at 4: 0.9
+  ms, the next 1.4) changed nothing clear.  Left as it is.
 * Tried and dropped (no gain beyond noise): edge-triggered epoll (saves the
   kernel's re-check of each level-triggered descriptor, about 1% for the
   floor loop), switching the garbage collector off, a cheaper way to make
