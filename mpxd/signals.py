@@ -47,6 +47,48 @@ class StopDuringStartup(BaseException):
         self.signum = signum
 
 
+# The wakeups whose handlers are installed in this process, and the signal
+# mask to restore after a fork (see _default_signals_in_child).
+_installed: list[Wakeup] = []
+_mask_before_fork: list[set[signal.Signals]] = []
+
+
+def _block_before_fork() -> None:
+    if _installed:
+        _mask_before_fork.append(signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS))
+
+
+def _unblock_in_parent() -> None:
+    if _mask_before_fork:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before_fork.pop())
+
+
+def _default_signals_in_child() -> None:
+    """In a process forked from mpxd, give the signals their handling back.
+
+    A script that forks at import, ``multiprocessing`` with the fork start
+    method, a handler's ``os.fork()``: the child inherited mpxd's handlers,
+    which only record.  ``Process.terminate()`` (a SIGTERM) then did
+    nothing, and during start-up a TERM made the child run mpxd's clean-up
+    and remove the daemon's own pidfile and sockets.  The signals stay
+    blocked across the fork, so one sent at once (``terminate()`` right
+    after ``start()``) meets the restored handling, not the recording one.
+    """
+    for wakeup in list(_installed):
+        try:
+            wakeup.uninstall()
+        except (ValueError, OSError):   # not the main thread after all: leave it
+            pass
+        wakeup._interrupting = False
+    _installed.clear()
+    if _mask_before_fork:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before_fork.pop())
+
+
+os.register_at_fork(before=_block_before_fork, after_in_parent=_unblock_in_parent,
+                    after_in_child=_default_signals_in_child)
+
+
 class Wakeup:
     """A socketpair that signals and threads write to and the loop reads."""
 
@@ -76,6 +118,7 @@ class Wakeup:
                                                  warn_on_full_buffer=False)
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._record)
+        _installed.append(self)
 
     @contextlib.contextmanager
     def interrupting(self) -> Iterator[None]:
@@ -112,6 +155,8 @@ class Wakeup:
         if self._previous_fd is not None:
             signal.set_wakeup_fd(self._previous_fd)
             self._previous_fd = None
+        if self in _installed:
+            _installed.remove(self)
 
     def _record(self, signum: int, frame: object) -> None:
         # NO LOGGING, no work: just queue the signal for the loop...

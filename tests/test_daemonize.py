@@ -195,7 +195,13 @@ def test_command_returns_although_a_process_forked_by_the_script_lives_on(workdi
                               "--pidfile", "mpxd.pid", "--log-file", "mpxd.log",
                               "forking.py"], cwd=workdir)
         assert result.returncode == 0, result.stderr
-        assert ask(port_from_log(workdir / "mpxd.log"), "hi") == "hi"
+        port = port_from_log(workdir / "mpxd.log")
+        assert ask(port, "hi") == "hi"
+        # A TERM to that child made it run mpxd's start-up clean-up, which
+        # removed the daemon's pidfile: the daemon then outlived the test.
+        assert stop_pid(int((workdir / "child.pid").read_text()))
+        assert (workdir / "mpxd.pid").exists()
+        assert ask(port, "still") == "still"
     finally:
         child_pid = workdir / "child.pid"
         if child_pid.exists():

@@ -159,6 +159,25 @@ def test_interrupting_raises_for_a_stop_signal_once_and_keeps_it_pending():
         wakeup.close()
 
 
+def test_a_forked_child_gets_default_signal_handling_back():
+    # multiprocessing's Process.terminate() (a SIGTERM) did nothing in a
+    # child forked from a handler: it had inherited handlers that only record.
+    wakeup = Wakeup()
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        wakeup.install((signal.SIGUSR1,))
+        pid = os.fork()
+        if pid == 0:                            # pragma: no cover - the child
+            os.kill(os.getpid(), signal.SIGUSR1)    # the default action: killed
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == -signal.SIGUSR1
+        assert signal.getsignal(signal.SIGUSR1) == wakeup._record   # the parent's stay
+    finally:
+        wakeup.close()
+    assert signal.getsignal(signal.SIGUSR1) == previous
+
+
 def test_close_for_exit_leaves_stop_signals_ignored_not_fatal():
     # After the loop ends, a second TERM (an operator's, systemd's, a
     # supervisor passing one on) used to meet the default action and kill
@@ -548,6 +567,22 @@ def test_a_daemon_stopped_during_start_up_fails_its_launcher(mpxd, tmp_path):
     assert launcher.wait(timeout=5) == 1
     assert "Error: SIGTERM during start-up: stopped before serving" in launcher.stderr()
     assert not pidfile.exists()
+
+
+def test_a_handlers_multiprocessing_child_can_be_terminated(daemon, tmp_path):
+    script = tmp_path / "spawner.py"
+    script.write_text("import multiprocessing, time\n"
+                      "def handle_request(s):\n"
+                      "    p = multiprocessing.Process(target=time.sleep, args=(30,))\n"
+                      "    p.start()\n"
+                      "    p.terminate()\n"
+                      "    p.join(5)\n"
+                      "    s.response = f'exitcode {p.exitcode}'\n"
+                      "    if p.is_alive():\n"
+                      "        p.kill()\n")
+    d = daemon(str(script))
+    assert d.connect().ask("go") == f"exitcode {-signal.SIGTERM}"
+    assert d.stop() == 0
 
 
 def test_hup_during_drain_is_ignored(daemon, recording):
