@@ -40,6 +40,16 @@ def load_error(path: str) -> str:
 
 # ------------------------------------------------------------ load_script
 
+def answer(handlers, request: str = "") -> str:
+    """What ``handlers.handle_request`` answers to ``request``, on a stand-in session."""
+    class Fake:
+        response = ""
+    s = Fake()
+    s.request = request
+    handlers.handle_request(s)
+    return s.response
+
+
 def test_a_good_script_gives_its_handlers(write_script):
     path = write_script("""
         opened = []
@@ -50,13 +60,7 @@ def test_a_good_script_gives_its_handlers(write_script):
     assert handlers.path == path
     assert handlers.handle_open is handlers.module.handle_open
     assert handlers.handle_close is None
-
-    class Fake:
-        request = "hi"
-        response = ""
-    s = Fake()
-    handlers.handle_request(s)
-    assert s.response == "HI"
+    assert answer(handlers, "hi") == "HI"
 
 
 def test_each_load_is_a_fresh_module_under_a_private_name(write_script):
@@ -292,19 +296,12 @@ def test_a_helper_importing_the_script_gets_the_running_module_not_a_copy(tmp_pa
                     "    players.append(s.request)\n"
                     f"    s.response = str({helper}.count())\n")
 
-    def answer(handlers) -> str:
-        class Fake:
-            request, response = "ann", ""
-        s = Fake()
-        handlers.handle_request(s)
-        return s.response
-
     first = load_script(str(path))
     assert sys.modules[game] is first.module
-    assert [answer(first), answer(first)] == ["1", "2"]
+    assert [answer(first, "ann"), answer(first, "bob")] == ["1", "2"]
     second = load_script(str(path))             # a HUP reload
     assert sys.modules[game] is second.module
-    assert answer(second) == "1"
+    assert answer(second, "ann") == "1"
     with open(path, "a") as f:
         f.write("raise ValueError('broken version')\n")
     load_error(str(path))
@@ -326,13 +323,7 @@ def test_a_helper_module_beside_the_script_is_importable(tmp_path, write_script)
     (tmp_path / f"{helper}.py").write_text("def shout(text):\n    return text.upper() + '!'\n")
     path = write_script(f"from {helper} import shout\n"
                         "def handle_request(s):\n    s.response = shout(s.request)\n")
-
-    class Fake:
-        request = "hey"
-        response = ""
-    s = Fake()
-    load_script(path).handle_request(s)
-    assert s.response == "HEY!"
+    assert answer(load_script(path), "hey") == "HEY!"
 
 
 def test_helpers_beside_the_script_are_imported_afresh_on_every_load(tmp_path, write_script):
@@ -346,13 +337,6 @@ def test_helpers_beside_the_script_are_imported_afresh_on_every_load(tmp_path, w
     path = write_script(f"import {helper}\nfrom {package} import words\n"
                         "def handle_request(s):\n"
                         f"    s.response = {helper}.WORD + ' ' + words.WORD\n")
-
-    def answer(handlers) -> str:
-        class Fake:
-            request, response = "", ""
-        s = Fake()
-        handlers.handle_request(s)
-        return s.response
 
     first = load_script(path)
     (tmp_path / f"{helper}.py").write_text("WORD = 'two'\n")
