@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 import time
 from typing import Iterator
 
@@ -47,20 +48,21 @@ class StopDuringStartup(BaseException):
         self.signum = signum
 
 
-# The wakeups whose handlers are installed in this process, and the signal
-# mask to restore after a fork (see _default_signals_in_child).
+# The wakeups whose handlers are installed in this process, and, per thread,
+# the signal mask to restore after a fork (see _default_signals_in_child).
 _installed: list[Wakeup] = []
-_mask_before_fork: list[set[signal.Signals]] = []
+_forking = threading.local()
 
 
 def _block_before_fork() -> None:
-    if _installed:
-        _mask_before_fork.append(signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS))
+    _forking.mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS) \
+        if _installed else None
 
 
-def _unblock_in_parent() -> None:
-    if _mask_before_fork:
-        signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before_fork.pop())
+def _unblock_after_fork() -> None:
+    mask, _forking.mask = getattr(_forking, "mask", None), None
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _default_signals_in_child() -> None:
@@ -81,11 +83,10 @@ def _default_signals_in_child() -> None:
             pass
         wakeup._interrupting = False
     _installed.clear()
-    if _mask_before_fork:
-        signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before_fork.pop())
+    _unblock_after_fork()
 
 
-os.register_at_fork(before=_block_before_fork, after_in_parent=_unblock_in_parent,
+os.register_at_fork(before=_block_before_fork, after_in_parent=_unblock_after_fork,
                     after_in_child=_default_signals_in_child)
 
 

@@ -32,9 +32,10 @@ instead: one shared listening socket, no ``SO_REUSEPORT``.
 
 Workers are forked with TERM/INT/HUP/USR1 blocked and unblock them once
 their own handlers are installed, so a signal forwarded during start-up is
-never lost; a TERM stops a worker's slow script import at once.  Each worker runs in its own process group (a
-Ctrl-C in the terminal reaches the parent only, which forwards it once) and
-gets SIGTERM from the kernel if the parent dies (``PR_SET_PDEATHSIG``).
+never lost; a TERM stops a worker's slow script import at once.  Each worker
+runs in its own process group (a Ctrl-C in the terminal reaches the parent
+only, which forwards it once) and gets SIGTERM from the kernel if the parent
+dies (``PR_SET_PDEATHSIG``).
 
 The parent keeps the privileges it was started with, so that a restarted
 worker can bind a port below 1024 again; only the workers switch to
@@ -478,8 +479,8 @@ def _serve_as_worker(config: Config, number: int, status_fd: int,
     "ready" and the loop writes "alive" on it every ``heartbeat`` seconds.
     """
     # Forwarded signals were blocked since the fork, so that none met the
-    # parent's handlers; from now on they are this worker's own, and a
-    # TERM stops a slow import at once, as in a single process.
+    # default actions the fork gave back (mpxd.signals); from now on they
+    # are this worker's own, and a TERM stops a slow import at once.
     wakeup = Wakeup()
     wakeup.install()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
