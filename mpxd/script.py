@@ -329,6 +329,7 @@ def _natural_name(path: str) -> list[str]:
 
 def _execute_and_collect(path: str, code: types.CodeType, module: types.ModuleType,
                          interruptible: bool) -> Handlers:
+    """Run the module's code; collect and check its handlers, or raise ScriptError."""
     try:
         _run_without_a_server(code, module)
     except SystemExit as e:
