@@ -24,6 +24,7 @@ from .config import Config, water_marks
 from .core import Core
 from .daemonize import Detached, detach, start_failed
 from .edge import Edge, edge_options, edge_settings
+from .forks import keep_from_children
 from .listeners import ListenError, bind_listeners, describe
 from .logs import LEVELS, reopen_log_files, setup_logging
 from .loop import Loop, raise_descriptor_limit
@@ -265,6 +266,7 @@ def run(config: Config, inherited: list) -> int:
                                   if config.port is not None or not config.unix else [])
         edge = Edge.open(config)    # TLS files, unix and control sockets: still privileged
         listeners = listeners + edge.sockets
+        keep_from_children(lambda: [sock.fileno() for sock in listeners])  # a fork at import
         drop_privileges(config.user, config.group)
         with wakeup.interrupting():     # an import may take long: TERM need not wait
             handlers = load_script(config.script, interruptible=False)

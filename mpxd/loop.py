@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from .config import Config
 from .core import Core, format_peer
+from .forks import keep_from_children
 from .logs import flush_batched, lines_waiting, start_batching, stop_batching
 from .script import ScriptError, load_script
 from .session import Session
@@ -104,6 +105,10 @@ class _Poller:
         if self.kind == "epoll":
             self._p.close()
 
+    def filenos(self) -> list[int]:
+        """The epoll descriptor, if there is one (poll has none)."""
+        return [self._p.fileno()] if self.kind == "epoll" and not self._p.closed else []
+
 
 def make_poller(kind: str) -> _Poller:
     """A poller of ``kind`` (``epoll`` or ``poll``); epoll falls back to poll."""
@@ -149,6 +154,7 @@ class Loop:
         self.reload_hooks: list[Callable[[], None]] = []
         # Closed sessions' descriptors waiting for the peer's EOF (_linger).
         self.lingering: dict[int, Timer] = {}
+        self._forget_descriptors = keep_from_children(self._descriptors)
 
     # ------------------------------------------------------------ running
 
@@ -175,6 +181,12 @@ class Loop:
             core.stop()
             self._wakeup.close_for_exit()
             poller.close()
+            self._forget_descriptors()
+
+    def _descriptors(self) -> list[int]:
+        """Every descriptor this loop owns: none of them is a forked child's business."""
+        return [*self.listeners, *self.conns, *self.watchers, *self.lingering,
+                *self._wakeup.filenos(), *self.poller.filenos()]
 
     def _serve(self) -> None:
         core = self.core

@@ -12,6 +12,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from typing import Callable
+
+from .forks import keep_from_children
 
 __all__ = ["PidFile", "PidFileError"]
 
@@ -26,6 +29,7 @@ class PidFile:
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
         self._fd: int | None = None
+        self._forget: Callable[[], None] = lambda: None
 
     def acquire(self, pid: int | None = None) -> None:
         """Lock the file and write ``pid`` (default: this process) into it."""
@@ -61,6 +65,8 @@ class PidFile:
             os.close(fd)
             raise PidFileError(f"cannot write pidfile {self.path}: {e.strerror}") from None
         self._fd = fd
+        # A process forked from mpxd must not hold the lock after mpxd exits.
+        self._forget = keep_from_children(lambda: [] if self._fd is None else [self._fd])
 
     def release(self) -> None:
         """Remove the file if it is still the one we hold locked, then unlock.
@@ -74,6 +80,7 @@ class PidFile:
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        self._forget()
         try:
             if _same_file(fd, self.path):
                 try:

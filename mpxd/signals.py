@@ -107,6 +107,10 @@ class Wakeup:
         """The end the loop polls for readability."""
         return self._reader.fileno()
 
+    def filenos(self) -> list[int]:
+        """Both ends (-1 once closed)."""
+        return [self._reader.fileno(), self._writer.fileno()]
+
     @property
     def installed(self) -> bool:
         return self._previous_fd is not None

@@ -61,6 +61,7 @@ from .config import Config
 from .core import Core
 from .daemonize import Detached, detach, start_failed
 from .edge import Edge
+from .forks import keep_from_children
 from .listeners import ListenError, bind_listeners, describe
 from .logs import reopen_log_files, setup_logging
 from .loop import MAX_WAIT, USR2_IGNORED, Loop
@@ -488,6 +489,7 @@ def _serve_as_worker(config: Config, number: int, status_fd: int,
         listeners = shared or bind_listeners(config.hosts, port, config.backlog,
                                              reuse_port=True, warn=False)
         edge = Edge.open(config)        # TLS files, rules, limits: per worker
+        keep_from_children(lambda: [sock.fileno() for sock in listeners])  # a fork at import
         drop_privileges(config.user, config.group)
         _die_with_parent(parent)
         with wakeup.interrupting():
