@@ -219,10 +219,22 @@ def _line_buffered_stdout() -> None:
 def _exit(code: int) -> NoReturn:
     """Exit with ``code``, without waiting for threads the script started.
 
+    Processes it started with ``multiprocessing`` are waited for, as that
+    module does at exit, with a warning that names them.
+
     At exit Python waits for every thread not marked daemon: one the script
     started at import (a poller, say) kept ``--check`` from returning, and
     the daemon running after it logged "stopped" and let its pidfile go.
     """
+    multiprocessing = sys.modules.get("multiprocessing")
+    children = [p for p in multiprocessing.active_children() if not p.daemon] \
+        if multiprocessing is not None else []
+    if children:
+        # multiprocessing joins them at exit, as Python programs expect; say
+        # why a daemon that logged "stopped" has not exited yet.
+        log.warning("waiting for %d process(es) the script started with multiprocessing "
+                    "(pid %s) to end: end them in on_stop, or start them with daemon=True",
+                    len(children), ", ".join(str(p.pid) for p in children))
     stray = [t.name for t in threading.enumerate()
              if t is not threading.main_thread() and not t.daemon and t.is_alive()]
     if not stray:

@@ -81,7 +81,10 @@ def test_a_child_from_multiprocessing_does_not_hold_the_port_or_the_pidfile(  # 
         # the parent's handler has answered.
         assert wait_until(lambda: not mpxds(), timeout=5), mpxds()
         d.signal(signal.SIGTERM)
-        d.wait_for("stopped")       # mpxd itself then waits for its child (multiprocessing)
+        d.wait_for("stopped")
+        # mpxd itself then waits for its child, as multiprocessing does, and says so.
+        d.wait_for(rf"waiting for 1 process\(es\) the script started with multiprocessing "
+                   rf"\(pid {child}\) to end: end them in on_stop")
         with socket.socket() as again:
             again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             again.bind(("127.0.0.1", port))             # the port is free
