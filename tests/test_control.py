@@ -317,6 +317,13 @@ def test_mpxctl_commands_and_exit_codes(served, tmp_path):
     assert gone.returncode == 3 and "not running" in gone.stderr
 
 
+def test_mpxctl_names_a_bad_log_level_argument_level(tmp_path):
+    # It said "Invalid value for '{debug|info|warning|error}'".
+    result = mpxctl("log-level", "loud", "-c", str(tmp_path / "none.sock"))
+    assert result.returncode == 2
+    assert "Invalid value for 'LEVEL': 'loud' is not one of" in result.stderr
+
+
 def test_mpxctl_reports_a_stale_pidfile_as_not_running(tmp_path):
     pidfile = tmp_path / "stale.pid"
     pidfile.write_text(f"{os.getpid()}\n")            # a live pid, but no lock
