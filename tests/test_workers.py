@@ -309,6 +309,37 @@ def test_term_during_a_slow_import_stops_the_workers_at_once(write_script, tmp_p
         child.stderr.close()
 
 
+def test_a_daemon_with_workers_stopped_during_start_up_fails_its_launcher(write_script,
+                                                                          tmp_path):
+    marker, pidfile = tmp_path / "imports", tmp_path / "mpxd.pid"
+    script = write_script("import time\n"
+                          f"with open({str(marker)!r}, 'a') as f: f.write('x')\n"
+                          "time.sleep(30)\n"
+                          "def handle_request(s):\n"
+                          "    s.response = 'ok'\n")
+    launcher = subprocess.Popen(
+        MPXD + ["--daemon", "--workers", "2", "--port", "0", "--host", "127.0.0.1",
+                "--pidfile", str(pidfile), "--log-file", str(tmp_path / "log"), script],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: marker.exists() and marker.read_text() == "xx",
+                          timeout=10)
+        supervisor = int(pidfile.read_text())
+        os.kill(supervisor, signal.SIGTERM)
+        assert launcher.wait(timeout=5) == 1
+        assert "Error: SIGTERM during start-up: stopped before serving" in \
+            launcher.stderr.read()
+        assert wait_until(lambda: not _alive(supervisor), timeout=5)
+        assert not pidfile.exists()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        launcher.stderr.close()
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
 def test_connections_spread_over_the_workers(daemon, pid_script):
     d = daemon(pid_script, "--workers", "2")
     clients = [LineClient(d.address) for _ in range(40)]
