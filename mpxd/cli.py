@@ -80,6 +80,11 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) ->
 @click.option("--idle-timeout", type=float, default=None, metavar="SECONDS",
               callback=_seconds, help="Close sessions without input for this long. "
                                       "Default: never.")
+@click.option("--keepalive", type=click.IntRange(0, 32767), default=300, show_default=True,
+              metavar="SECONDS",
+              help="TCP keepalive: probe a client that has been silent this long (3 "
+                   "probes, a third of it apart) and close it, as a reset, when its "
+                   "machine is gone. 0: off.")
 @click.option("--drain-timeout", type=float, default=10.0, show_default=True,
               metavar="SECONDS", callback=_seconds,
               help="On TERM/INT, how long queued output may take before sessions "
@@ -114,7 +119,8 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) ->
 @click.version_option(__version__, "--version", "-V", prog_name="mpxd")
 def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller: str,
          max_line: int, max_output: int, max_connections: int,
-         idle_timeout: float | None, drain_timeout: float, threads: int, workers: int,
+         idle_timeout: float | None, keepalive: int, drain_timeout: float, threads: int,
+         workers: int,
          pidfile: str | None, log_file: str | None, syslog: bool, log_level: str,
          session_log: bool,
          daemonize: bool, user: str | None, group: str | None, check: bool,
@@ -160,7 +166,8 @@ def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller
         hosts=tuple(hosts) or ("127.0.0.1", "::1"), eol=EOLS[eol], poller=poller,
         max_line=max_line, high_water=high_water, low_water=low_water,
         max_output=max_output, max_connections=max_connections,
-        idle_timeout=idle_timeout, drain_timeout=drain_timeout, threads=threads,
+        idle_timeout=idle_timeout, keepalive=keepalive, drain_timeout=drain_timeout,
+        threads=threads,
         pidfile=os.path.abspath(pidfile) if pidfile else None,
         log_file=os.path.abspath(log_file) if log_file else None,
         log_level=log_level, session_log=session_log, syslog=syslog, daemon=daemonize,

@@ -38,6 +38,7 @@ class Config:
     max_output: int = 16 * MiB
     max_connections: int = 0          # 0: derived from RLIMIT_NOFILE
     idle_timeout: float | None = None
+    keepalive: int = 300              # TCP keepalive idle seconds; 0: off
     drain_timeout: float = 10.0
     threads: int = 4
     pidfile: str | None = None

@@ -72,6 +72,7 @@ MAX_WAIT = 3600.0
 STATUS_INTERVAL = 5.0           # seconds between systemd STATUS= updates
 LINGER_TIMEOUT = 2.0            # seconds a closed session waits for the peer's EOF
 
+KEEPALIVE_PROBES = 3             # unanswered keepalive probes before a client is gone
 ROUTINE_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN,
                   errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH}
 FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -131,7 +132,7 @@ class Loop:
         self.poller = make_poller(config.poller)
         self.listeners = {sock.fileno(): sock for sock in listeners}
         for sock in listeners:
-            prepare_listener(sock)
+            prepare_listener(sock, config.keepalive)
         self.conns: dict[int, Session] = {}
         self.max_connections = config.max_connections or default_max_connections()
         log.debug("at most %d connections (file-descriptor limit %d)", self.max_connections,
@@ -636,18 +637,30 @@ def _close_fd(fd: int) -> None:
         pass
 
 
-def prepare_listener(sock: socket.socket) -> None:
+def prepare_listener(sock: socket.socket, keepalive: int = 0) -> None:
     """Make a listening socket fit for the loop, whoever created it.
 
     Non-blocking, or one accept could stall the loop (systemd may pass
-    blocking sockets).  TCP_NODELAY here rather than per connection: Linux
-    copies it to every accepted socket, which saves a system call per accept;
-    responses go out in one write per pass, so Nagle would only add delay.
+    blocking sockets).  TCP_NODELAY and the keepalive settings here rather
+    than per connection: Linux copies them to every accepted socket, which
+    saves system calls per accept.  Responses go out in one write per pass,
+    so Nagle would only add delay.  Keepalive (``--keepalive``, seconds of
+    silence before the first probe; 3 probes a third of that apart) closes
+    the sessions of clients whose machine went away without a FIN (a laptop
+    closed, a NAT entry dropped), which would otherwise stay open for ever.
     """
     sock.setblocking(False)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+    if keepalive and hasattr(socket, "TCP_KEEPIDLE"):      # Linux; elsewhere: off
+        options += [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, keepalive // 3)),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)]
+    for level, option, value in options:
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(level, option, value)
         except OSError:
             pass
 

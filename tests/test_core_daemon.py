@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import HANDLERS, ROOT, wait_until
-from mpxd.loop import FIRST_READ, RECV_SIZE, _read_rest
+from mpxd.loop import FIRST_READ, KEEPALIVE_PROBES, RECV_SIZE, _read_rest, prepare_listener
 
 COUNTER = os.path.join(HANDLERS, "counter.py")
 ECHO = os.path.join(HANDLERS, "echo.py")
@@ -638,6 +638,46 @@ def test_ipv6_listening_line_and_service(daemon, host):
             data += chunk
     assert data == b"4\n8\n"
     d.expect_log(rb"session \d+ \[::1\]:\d+ closed: eof")
+
+
+def test_accepted_connections_inherit_the_listeners_keepalive():
+    # Without it, the session of a client whose machine vanished without a
+    # FIN (a laptop closed, a NAT entry dropped) stayed open for ever.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        prepare_listener(listener, keepalive=90)
+        with socket.create_connection(listener.getsockname()), _accept(listener) as conn:
+            assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 90
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 30
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == KEEPALIVE_PROBES
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        prepare_listener(listener, keepalive=0)
+        with socket.create_connection(listener.getsockname()), _accept(listener) as conn:
+            assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+
+
+def _accept(listener: socket.socket) -> socket.socket:
+    listener.settimeout(5)
+    return listener.accept()[0]
+
+
+def _keepalive_timer(port: int) -> bool:
+    """Whether the daemon's end of an established connection on ``port`` has a
+    keepalive timer pending (/proc/net/tcp's "tr" column is 2)."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.read().splitlines()[1:]]
+    ours = [row for row in rows if int(row[1].split(":")[1], 16) == port and row[3] == "01"]
+    assert ours, f"no established connection on port {port}"
+    return all(row[5].startswith("02:") for row in ours)
+
+
+@pytest.mark.parametrize("option, expected", [((), True), (("--keepalive", "0"), False)])
+def test_the_daemon_turns_keepalive_on_by_default(daemon, option, expected):
+    d = daemon(COUNTER, *option)
+    client = d.connect()
+    assert client.ask("1") == "1"
+    assert _keepalive_timer(d.port) is expected
+    assert d.stop() == 0
 
 
 def test_session_log_line_names_peer_reason_and_counts(daemon):

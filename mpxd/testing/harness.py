@@ -47,7 +47,7 @@ _EOF = object()            # in a client's inbound queue: the peer sent FIN
 # unix sockets, access rules, rate limits, the control channel): the harness
 # has none of these, so it refuses them rather than ignore them (test those
 # with ``mpxd_server``; ``connect(tls_peer=...)`` stands in for a TLS client).
-DAEMON_ONLY = {"script", "port", "hosts", "poller", "backlog", "max_connections",
+DAEMON_ONLY = {"script", "port", "hosts", "poller", "backlog", "max_connections", "keepalive",
                "pidfile", "log_file", "log_level", "syslog", "daemon", "user", "group",
                "tls_cert", "tls_key", "tls_ca", "tls_handshake_timeout", "unix",
                "unix_mode", "allow", "deny", "max_per_ip", "max_rate", "control"}
