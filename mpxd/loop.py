@@ -653,7 +653,10 @@ def prepare_listener(sock: socket.socket, keepalive: int = 0) -> None:
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-    if keepalive and hasattr(socket, "TCP_KEEPIDLE"):      # Linux; elsewhere: off
+    # A socket that has keepalive on already came from systemd with its
+    # unit's KeepAlive*= settings: those are the operator's, and stay.
+    if keepalive and hasattr(socket, "TCP_KEEPIDLE") and \
+            not sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE):
         options += [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
                     (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive),
                     (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, keepalive // 3)),

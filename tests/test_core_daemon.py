@@ -656,6 +656,15 @@ def test_accepted_connections_inherit_the_listeners_keepalive():
             assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
 
 
+def test_a_socket_from_systemd_keeps_its_units_keepalive_settings():
+    # KeepAlive=yes and KeepAliveTimeSec=77 in a .socket unit are the operator's.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 77)
+        prepare_listener(listener, keepalive=300)
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 77
+
+
 def _accept(listener: socket.socket) -> socket.socket:
     listener.settimeout(5)
     return listener.accept()[0]
