@@ -299,6 +299,7 @@ def run(config: Config, inherited: list) -> int:
     notifier = Notifier.from_environment()
     try:
         core = Core(handlers, config)
+        del handlers     # the core holds the script now: a HUP can let this version go
         loop = Loop(core, config, listeners, notifier,
                     reopen_logs=lambda: reopen_log_files(reopenable), wakeup=wakeup)
         loop.install_signals()      # from now on a KeyboardInterrupt is user code's own

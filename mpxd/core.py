@@ -17,6 +17,7 @@ daemon does.
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import logging
 import os
 import threading
@@ -28,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 from .config import Config
 from .framing import LineFramer
 from .logs import log_fast
-from .script import Handlers
+from .script import Handlers, retire
 from .session import Session, not_a_str
 from .threads import DaemonThreadPool
 from .timers import Timer, TimerHeap
@@ -207,10 +208,20 @@ class Core:
         global _current
         _current = self
         old = self.handlers
+        # The version that goes has functions that refer to its globals, and
+        # globals that refer to its functions: a cycle, which only the
+        # garbage collector frees.  It counts new containers to decide when
+        # to look, and a script's data is mostly strings and numbers, which
+        # it does not count: ten reloads of a script holding 100,000 strings
+        # kept 60 MB for as long as the daemon ran on.  So collect once the
+        # reload's frames (which still hold that version) are gone.
+        self.call_later(0, gc.collect)
         if handlers.on_reload is not None and not self._call_user(
                 handlers.on_reload, None, "on_reload", old.module):
+            retire(handlers, serving=old)
             return False
         self._install(handlers)
+        retire(old)
         self.reloads += 1
         return True
 

@@ -36,7 +36,7 @@ KEPT_SIGNALS = HANDLED_SIGNALS + (signal.SIGPIPE,)
 
 log = logging.getLogger("mpxd")
 
-__all__ = ["ScriptError", "Handlers", "load_script"]
+__all__ = ["ScriptError", "Handlers", "load_script", "retire"]
 
 _load_counter = itertools.count(1)
 
@@ -307,6 +307,26 @@ def _run_and_check(path: str, code: types.CodeType, interruptible: bool) -> Hand
             if sys.modules.get(each) is module:
                 del sys.modules[each]
         raise
+
+
+def retire(version: Handlers, serving: Handlers | None = None) -> None:
+    """Let a version of the script that no longer serves go from ``sys.modules``.
+
+    Every load registers its module (under its private name, and its file's
+    name), and nothing took old versions out: each HUP kept the previous
+    version and all its globals for good, so a daemon reloaded daily grew
+    by its script's data every day.  After a reload, ``version`` is the old
+    one.  When the new one is refused instead (its ``on_reload`` raised),
+    ``version`` is that one and ``serving`` the old: the file's name then
+    goes back to the version that serves.  Whatever still uses a retired
+    module (its timers, say) keeps it alive; nothing else does.
+    """
+    for name, module in list(sys.modules.items()):
+        if module is version.module:
+            if serving is not None and not name.startswith("_mpxd_script_"):
+                sys.modules[name] = serving.module
+            else:
+                del sys.modules[name]
 
 
 def _natural_name(path: str) -> list[str]:

@@ -502,6 +502,7 @@ def _serve_as_worker(config: Config, number: int, status_fd: int,
         log.info("worker %d: %s during start-up: stopped before serving", number, e)
         return 0
     core = Core(handlers, config)
+    del handlers     # the core holds the script now: a HUP can let this version go
     loop = Loop(core, config, listeners, Notifier(None), reopen_logs=reopen_logs,
                 wakeup=wakeup)
     loop.install_signals()

@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 import mpxd
+import mpxd.testing
 from mpxd.cli import main
 from mpxd.script import ScriptError, load_script
 
@@ -306,6 +307,39 @@ def test_a_helper_importing_the_script_gets_the_running_module_not_a_copy(tmp_pa
         f.write("raise ValueError('broken version')\n")
     load_error(str(path))
     assert sys.modules[game] is second.module   # the version still serving
+
+
+VERSIONED = """\
+import builtins, weakref
+class Marker:
+    pass
+MARKER = Marker()
+builtins.__dict__.setdefault({key!r}, []).append(weakref.ref(MARKER))
+def handle_request(s):
+    s.response = str(sum(ref() is not None for ref in getattr(builtins, {key!r})))
+"""
+
+
+def test_a_reload_lets_the_old_version_and_its_data_go(tmp_path):
+    # Every version stayed in sys.modules, globals and all: a daemon reloaded
+    # daily grew by its script's data every day.
+    import builtins
+    key = f"_mpxd_test_versions_{uuid.uuid4().hex}"
+    path = tmp_path / "versioned.py"
+    path.write_text(VERSIONED.format(key=key))
+    try:
+        with mpxd.testing.Harness(str(path)) as h:
+            for _ in range(3):
+                h.reload()                  # no gc.collect() here: the reload does it
+            assert h.connect().send("x") == ["1"]
+            path.write_text(VERSIONED.format(key=key) +
+                            "def on_reload(old):\n    raise ValueError('refused')\n")
+            with pytest.raises(ScriptError, match="on_reload failed"):
+                h.reload()
+            # (h.errors holds the refusal's traceback, and so that version.)
+            assert sys.modules["versioned"] is h.module     # the one that serves
+    finally:
+        delattr(builtins, key)
 
 
 def test_the_script_takes_no_name_another_module_has(write_script):

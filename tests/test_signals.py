@@ -412,6 +412,27 @@ def test_hup_with_a_broken_script_keeps_the_old_one_serving(daemon, recording, b
     assert d.stop() == 0
 
 
+def test_hup_lets_the_old_versions_go(daemon, tmp_path):
+    # Each HUP kept the previous version with all its data (in sys.modules,
+    # in the start-up code's frame, in uncollected cycles): ten reloads of a
+    # script holding 100,000 strings grew the daemon by 60 MB for good.
+    script = tmp_path / "versioned.py"
+    script.write_text("import builtins, weakref\n"
+                      "class Marker:\n"
+                      "    pass\n"
+                      "MARKER = Marker()\n"
+                      "builtins.__dict__.setdefault('_versions', []).append(weakref.ref(MARKER))\n"
+                      "def handle_request(s):\n"
+                      "    alive = sum(ref() is not None for ref in builtins._versions)\n"
+                      "    s.response = f'{alive} of {len(builtins._versions)}'\n")
+    d = daemon(str(script))
+    for _ in range(3):
+        d.signal(signal.SIGHUP)
+        d.expect_log(r"reloaded")
+    assert d.connect().ask("x") == "1 of 4"
+    assert d.stop() == 0
+
+
 def test_hup_reloads_the_helper_modules_beside_the_script_too(daemon, tmp_path):
     (tmp_path / "words.py").write_text("GREETING = 'hello'\n")
     script = tmp_path / "greeter.py"
