@@ -128,11 +128,38 @@ def _run_without_a_server(code: types.CodeType, module: types.ModuleType) -> Non
     """
     from . import core          # core imports this module: not at the top
     running, core._current = core._current, None
+    pid = os.getpid()
     try:
         with _signal_handlers_kept(module.__file__):
             exec(code, module.__dict__)
+    except BaseException:
+        _end_a_forked_child(pid, module.__file__, 1)
+        raise
     finally:
         core._current = running
+    _end_a_forked_child(pid, module.__file__, 0)
+
+
+def _end_a_forked_child(pid: int, path: str, status: int) -> None:
+    """End a process the script forked at import once it reaches the import's end.
+
+    ``if os.fork() == 0: work()`` without ``os._exit`` lets the child run on,
+    through the rest of mpxd's start-up: a second daemon on the first one's
+    sockets.  It ends here instead (an import that raised in it: status 1).
+    """
+    if os.getpid() == pid:
+        return
+    log.warning("process %d, forked by %s at import, reached the end of the import: "
+                "it exits here rather than start a second mpxd (end it with os._exit)",
+                os.getpid(), path)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    for handler in logging.getLogger("mpxd").handlers:
+        handler.flush()
+    os._exit(status)
 
 
 @contextlib.contextmanager
@@ -146,12 +173,15 @@ def _signal_handlers_kept(path: str) -> Iterator[None]:
     first client that left during a write kill the daemon without a word.
     """
     before = {signum: signal.getsignal(signum) for signum in KEPT_SIGNALS}
+    pid = os.getpid()
     try:
         yield
     finally:
         changed = [signum for signum, handler in before.items()
                    if signal.getsignal(signum) != handler]
-        if changed and threading.current_thread() is threading.main_thread():
+        # (A child the script forked got default handling back on purpose.)
+        if changed and threading.current_thread() is threading.main_thread() \
+                and os.getpid() == pid:
             for signum in changed:
                 signal.signal(signum, before[signum])
             names = ", ".join(signal.Signals(signum).name for signum in changed)

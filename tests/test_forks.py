@@ -93,3 +93,23 @@ def test_a_child_from_multiprocessing_does_not_hold_the_port_or_the_pidfile(  # 
         if child is not None and not pid_gone(child):
             os.kill(child, signal.SIGKILL)
             wait_until(lambda: pid_gone(child), timeout=5)
+
+
+def test_a_child_forked_at_import_ends_with_the_import(mpxd, tmp_path):  # noqa: F811
+    # Without os._exit it went on through mpxd's start-up: a second daemon
+    # listening on the first one's sockets, which outlived the first.
+    pid_file = tmp_path / "child.pid"
+    script = tmp_path / "forking.py"
+    script.write_text("import os\n"
+                      "if os.fork() == 0:\n"
+                      f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+                      "def handle_request(s):\n"
+                      "    s.response = 'ok'\n")
+    d = mpxd(["--port", "0", "--host", "127.0.0.1", str(script)])
+    d.wait_listening()
+    child = int(pid_file.read_text())
+    assert wait_until(lambda: pid_gone(child), timeout=5)
+    assert f"process {child}, forked by {script} at import, reached the end of the " \
+           f"import: it exits here rather than start a second mpxd" in d.log()
+    assert d.log().count("listening on") == 1
+    assert d.stop() == 0
