@@ -216,6 +216,13 @@ def _hint(exc: BaseException, path: str) -> str:
         return (f" (a circular import: a helper imports from the script while the script "
                 f"is still importing that helper; in the helper, write 'import {stem}' "
                 f"and use '{stem}.NAME' inside its functions)")
+    filename = getattr(exc, "filename", None)
+    if isinstance(exc, FileNotFoundError) and isinstance(filename, str) \
+            and not os.path.isabs(filename) and os.getcwd() == "/":
+        # --daemon (and many a unit) runs in /: "words.txt" is /words.txt.
+        return (" (the working directory is /, as under --daemon: build the path "
+                "from the script's own, os.path.join(os.path.dirname(__file__), "
+                f"{filename!r}))")
     if isinstance(exc, ImportError) and "relative import" in str(exc):
         return (" (a script is no package's module: import helpers beside it "
                 "absolutely, as 'from helpers import ...'; its directory is importable)")

@@ -140,6 +140,19 @@ def test_a_circular_import_says_so_and_how_to_write_the_helper(tmp_path, write_s
                             f"functions)")
 
 
+def test_a_relative_file_missing_in_slash_says_to_build_the_path_from_file(
+        write_script, monkeypatch):
+    # Under --daemon the working directory is /: open("words.txt") at import
+    # worked in the foreground and failed there, with no word why.
+    path = write_script("WORDS = open('words.txt').read()\n"
+                        "def handle_request(s): pass\n")
+    monkeypatch.chdir("/")
+    assert load_error(path).endswith(
+        "FileNotFoundError: [Errno 2] No such file or directory: 'words.txt' (the "
+        "working directory is /, as under --daemon: build the path from the script's "
+        "own, os.path.join(os.path.dirname(__file__), 'words.txt'))")
+
+
 def test_a_missing_module_says_which_python_needs_it(write_script):
     # The classic: installed with another Python than the one running mpxd.
     message = load_error(write_script("import surely_not_installed_anywhere\n"
