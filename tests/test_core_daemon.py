@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import collections
 import os
+import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -654,6 +656,41 @@ def test_accepted_connections_inherit_the_listeners_keepalive():
         prepare_listener(listener, keepalive=0)
         with socket.create_connection(listener.getsockname()), _accept(listener) as conn:
             assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+
+
+def test_a_client_that_connects_while_the_script_imports_gets_keepalive_too(
+        daemon, tmp_path):
+    # The listener got its options only when the loop was made, after the
+    # import: a connection the kernel accepted meanwhile went without.
+    marker = tmp_path / "importing"
+    script = tmp_path / "slow.py"
+    script.write_text("import pathlib, time\n"
+                      f"pathlib.Path({str(marker)!r}).touch()\n"
+                      "time.sleep(1)\n"
+                      "def handle_request(s):\n"
+                      "    s.response = s.request\n")
+    port = _free_port()
+    started = threading.Thread(target=lambda: daemon(str(script), "--port", str(port)))
+    started.start()
+    assert wait_until(marker.exists, timeout=10)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as early:
+        started.join()
+        early.sendall(b"hi\n")
+        assert early.makefile().readline() == "hi\n"
+        assert _keepalive_timer(port)
+
+
+def _free_port() -> int:
+    """A free port below the kernel's ephemeral range, where no outgoing
+    connection can take it between this probe and the daemon's bind."""
+    for port in random.sample(range(20000, 30000), 50):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port between 20000 and 30000")
 
 
 def test_a_socket_from_systemd_keeps_its_units_keepalive_settings():
