@@ -243,6 +243,7 @@ class Edge:
         if self.tls is not None:
             self.tls.loop = loop
             loop.reload_hooks.append(self.tls.reload)
+            self.tls.warns_of_expiry = warn
             if warn:                # a certificate expiring while the daemon runs
                 self.tls.check_expiry()
                 core.call_every(EXPIRY_CHECK_INTERVAL, self.tls.check_expiry)

@@ -216,6 +216,7 @@ class TLSServer:
         self.handshake_timeout = handshake_timeout
         self.context = make_context(cert, key, ca)
         self.loop: Loop | None = None
+        self.warns_of_expiry = False    # the edge decides: under --workers, worker 1 only
         self.handshakes = 0             # completed
         self.failures = 0               # failed or timed out
 
@@ -227,7 +228,8 @@ class TLSServer:
             log.error("TLS reload failed, still using the previous certificate: %s", e)
             return
         log.info("reloaded TLS certificate %s", self.cert)
-        self.check_expiry()
+        if self.warns_of_expiry:
+            self.check_expiry()
 
     def check_expiry(self) -> None:
         """Warn if the certificate in use has expired or soon will (at start, HUP, daily)."""

@@ -23,6 +23,7 @@ import warnings
 import pexpect
 import pytest
 
+from conftest import wait_until
 from mpxd.tls import (TLSSetupError, certificate_expiry, expiry_problem, make_context,
                       subject_string)
 
@@ -451,6 +452,19 @@ def test_a_certificate_about_to_expire_is_warned_about_at_start_and_on_hup(
     since = len(d.log())
     d.signal(signal.SIGHUP)
     d.wait_for(warning, since=since)
+    assert d.stop() == 0
+
+
+def test_workers_warn_of_an_expiring_certificate_once_not_each(mpxd, tmp_path,
+                                                              handler):  # noqa: F811
+    cert = _self_signed(tmp_path, "soon", 3)
+    d = mpxd(["--workers", "2", "--port", "0", "--host", "127.0.0.1", "--tls-cert", cert,
+              "--tls-key", str(tmp_path / "soon.key"), handler])
+    d.wait_listening()
+    d.signal(signal.SIGHUP)
+    assert wait_until(lambda: d.log().count("reloaded TLS certificate") == 2, timeout=10)
+    time.sleep(0.2)
+    assert d.log().count(f"WARNING TLS certificate {cert} expires on") == 2   # start, HUP
     assert d.stop() == 0
 
 
