@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.machinery
 import inspect
 import itertools
 import keyword
@@ -379,9 +380,15 @@ def _natural_name(path: str) -> list[str]:
             or stem in sys.stdlib_module_names:
         return []
     holder = sys.modules.get(stem)
-    if holder is not None and getattr(holder, "__file__", None) != path:
-        return []           # another module has that name: import finds that one
-    return [stem]
+    if holder is not None:
+        # Imported already: this script (an earlier version), or another
+        # module of that name, which import keeps finding.
+        return [stem] if getattr(holder, "__file__", None) == path else []
+    # Not imported yet: only if the search would find this very file, not
+    # an installed package of that name earlier on the path.
+    found = importlib.machinery.PathFinder.find_spec(stem)
+    origin = getattr(found, "origin", None)
+    return [stem] if origin and os.path.abspath(origin) == path else []
 
 
 def _execute_and_collect(path: str, code: types.CodeType, module: types.ModuleType,

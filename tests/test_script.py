@@ -322,6 +322,23 @@ def test_a_helper_importing_the_script_gets_the_running_module_not_a_copy(tmp_pa
     assert sys.modules[game] is second.module   # the version still serving
 
 
+def test_the_script_takes_no_name_that_import_finds_elsewhere_first(tmp_path, monkeypatch):
+    # An installed package of that name earlier on the path is what a
+    # helper's import gets; the script must not take its place.
+    stem = f"mpxd_test_installed_{uuid.uuid4().hex}"
+    installed, scripts = tmp_path / "site-packages", tmp_path / "scripts"
+    installed.mkdir()
+    scripts.mkdir()
+    (installed / f"{stem}.py").write_text("WHO = 'the package'\n")
+    script = scripts / f"{stem}.py"
+    script.write_text("def handle_request(s): pass\n")
+    monkeypatch.setattr(sys, "path", [str(installed), str(scripts)] + sys.path)
+    load_script(str(script))
+    assert stem not in sys.modules
+    assert __import__(stem).WHO == "the package"
+    del sys.modules[stem]
+
+
 VERSIONED = """\
 import builtins, weakref
 class Marker:
