@@ -24,10 +24,9 @@ from .config import Config, water_marks
 from .core import Core
 from .daemonize import Detached, detach, start_failed
 from .edge import Edge, edge_options, edge_settings
-from .forks import keep_from_children
 from .listeners import ListenError, bind_listeners, describe
 from .logs import LEVELS, reopen_log_files, setup_logging
-from .loop import Loop, prepare_listener, raise_descriptor_limit
+from .loop import Loop, prepare_listeners, raise_descriptor_limit
 from .pidfile import PidFile, PidFileError
 from .privileges import PrivilegeError, drop_privileges
 from .script import ScriptError, load_script
@@ -285,9 +284,7 @@ def run(config: Config, inherited: list) -> int:
                                   if config.port is not None or not config.unix else [])
         edge = Edge.open(config)    # TLS files, unix and control sockets: still privileged
         listeners = listeners + edge.sockets
-        for sock in listeners:      # now: clients may connect while the script imports
-            prepare_listener(sock, config.keepalive)
-        keep_from_children(lambda: [sock.fileno() for sock in listeners])  # a fork at import
+        prepare_listeners(listeners, config.keepalive)
         drop_privileges(config.user, config.group)
         with wakeup.interrupting():     # an import may take long: TERM need not wait
             handlers = load_script(config.script, interruptible=False)

@@ -13,9 +13,9 @@ them (``keep_from_children``); in a forked child they are pointed at
 socket objects can still close "their" descriptor without closing something
 the child opened since.  Listing lazily keeps this off the hot path.
 
-mpxd's own forks (``--daemon``, ``--workers``) happen before anything is
-registered in the forking process, or in the supervisor, which registers
-nothing: the sockets it passes to its workers stay theirs.
+mpxd's own forks: ``--daemon`` forks before anything is registered, and
+the ``--workers`` supervisor registers only its pidfile, so the sockets it
+passes to its workers stay theirs and the pidfile's lock stays its own.
 """
 
 from __future__ import annotations

@@ -637,6 +637,14 @@ def _close_fd(fd: int) -> None:
         pass
 
 
+def prepare_listeners(listeners: list[socket.socket], keepalive: int) -> None:
+    """Ready freshly bound listeners before the script imports, and keep them
+    from children: clients may connect meanwhile, and the script may fork."""
+    for sock in listeners:
+        prepare_listener(sock, keepalive)
+    keep_from_children(lambda: [sock.fileno() for sock in listeners])
+
+
 def prepare_listener(sock: socket.socket, keepalive: int = 0) -> None:
     """Make a listening socket fit for the loop, whoever created it.
 

@@ -61,10 +61,9 @@ from .config import Config
 from .core import Core
 from .daemonize import Detached, detach, start_failed
 from .edge import Edge
-from .forks import keep_from_children
 from .listeners import ListenError, bind_listeners, describe
 from .logs import reopen_log_files, setup_logging
-from .loop import MAX_WAIT, USR2_IGNORED, Loop, prepare_listener
+from .loop import MAX_WAIT, USR2_IGNORED, Loop, prepare_listeners
 from .pidfile import PidFile, PidFileError
 from .privileges import PrivilegeError, drop_privileges
 from .script import ScriptError, load_script
@@ -489,9 +488,7 @@ def _serve_as_worker(config: Config, number: int, status_fd: int,
         listeners = shared or bind_listeners(config.hosts, port, config.backlog,
                                              reuse_port=True, warn=False)
         edge = Edge.open(config)        # TLS files, rules, limits: per worker
-        for sock in listeners:          # now: clients may connect while the script imports
-            prepare_listener(sock, config.keepalive)
-        keep_from_children(lambda: [sock.fileno() for sock in listeners])  # a fork at import
+        prepare_listeners(listeners, config.keepalive)
         drop_privileges(config.user, config.group)
         _die_with_parent(parent)
         with wakeup.interrupting():
