@@ -25,7 +25,7 @@ from .core import Core
 from .daemonize import Detached, detach, start_failed
 from .edge import Edge, edge_options, edge_settings
 from .listeners import ListenError, bind_listeners, describe
-from .logs import LEVELS, reopen_log_files, setup_logging
+from .logs import LEVELS, counted, reopen_log_files, setup_logging
 from .loop import Loop, prepare_listeners, raise_descriptor_limit
 from .pidfile import PidFile, PidFileError
 from .privileges import PrivilegeError, drop_privileges
@@ -238,15 +238,17 @@ def _exit(code: int) -> NoReturn:
     if children:
         # multiprocessing joins them at exit, as Python programs expect; say
         # why a daemon that logged "stopped" has not exited yet.
-        log.warning("waiting for %d process(es) the script started with multiprocessing "
+        log.warning("waiting for %s the script started with multiprocessing "
                     "(pid %s) to end: end them in on_stop, or start them with daemon=True",
-                    len(children), ", ".join(str(p.pid) for p in children))
+                    counted(len(children), "process", "processes"),
+                    ", ".join(str(p.pid) for p in children))
     stray = [t.name for t in threading.enumerate()
              if t is not threading.main_thread() and not t.daemon and t.is_alive()]
     if not stray:
         sys.exit(code)
-    log.warning("not waiting for %d thread(s) the script started (%s): start them "
-                "with daemon=True, or end them in on_stop", len(stray), ", ".join(stray))
+    log.warning("not waiting for %s the script started (%s): start them "
+                "with daemon=True, or end them in on_stop", counted(len(stray), "thread"),
+                ", ".join(stray))
     atexit._run_exitfuncs()         # what a normal exit runs after joining threads
     for handler in log.handlers:
         handler.flush()

@@ -37,7 +37,7 @@ from . import __version__
 from . import core as core_module
 from .config import Config
 from .core import Core, format_peer
-from .logs import LEVELS
+from .logs import LEVELS, counted
 from .script import Handlers
 from .unix import UnixListener, UnixPeer, peer_credentials
 
@@ -338,7 +338,7 @@ class ControlServer:
         log.info("control (%s): drain", s.peer)
         self.soft_draining = True
         self.loop.soft_drain()
-        return f"OK draining: {len(self.loop.conns)} sessions open"
+        return f"OK draining: {counted(len(self.loop.conns), 'session')} open"
 
     def cmd_stop(self, s: Session, args: list[str]) -> str:
         log.info("control (%s): stop", s.peer)

@@ -72,6 +72,11 @@ class CachedTimeFormatter(logging.Formatter):
 _LEVEL_NAMES = {level: logging.getLevelName(level) for level in _PRIORITY}
 
 
+def counted(number: int, noun: str, plural: str = "") -> str:
+    """``"1 session"``, ``"3 sessions"``: a count for a log line, in good English."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
 def log_fast(logger: logging.Logger, level: int, msg: str, *args: object) -> None:
     """Log like ``logger.log``, at a fifth of the cost, for lines written per connection.
 

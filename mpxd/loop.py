@@ -27,7 +27,7 @@ from typing import Any, Callable
 from .config import Config
 from .core import Core, format_peer
 from .forks import keep_from_children
-from .logs import flush_batched, lines_waiting, start_batching, stop_batching
+from .logs import counted, flush_batched, lines_waiting, start_batching, stop_batching
 from .script import ScriptError, load_script
 from .session import Session
 from .signals import Wakeup
@@ -320,8 +320,9 @@ class Loop:
     def _fd_exhausted(self, e: OSError) -> None:
         """Out of descriptors: log once per burst, pause accepting briefly."""
         if not self._emfile_logged:
-            log.warning("cannot accept: %s (%d connections open); "
-                        "pausing accepts for %.1fs", e.strerror, len(self.conns),
+            log.warning("cannot accept: %s (%s open); "
+                        "pausing accepts for %.1fs", e.strerror,
+                        counted(len(self.conns), "connection"),
                         ACCEPT_BACKOFF)
             self._emfile_logged = True
         self._stop_accepting()
@@ -481,7 +482,7 @@ class Loop:
     def handle_term(self) -> None:
         """Graceful shutdown; a second TERM/INT while draining ends it at once."""
         if self.draining:
-            log.info("second stop signal: closing %d sessions now", len(self.conns))
+            log.info("second stop signal: closing %s now", counted(len(self.conns), "session"))
             self._abort_all("shutdown")
             return
         self.begin_drain()
@@ -569,8 +570,8 @@ class Loop:
         """
         if self.draining:
             return
-        log.info("draining: accepting no more connections; %d sessions open, "
-                 "exiting after the last one", len(self.conns))
+        log.info("draining: accepting no more connections; %s open, "
+                 "exiting after the last one", counted(len(self.conns), "session"))
         self.notifier.stopping()
         self._stop_accepting()
         self.draining = True
@@ -584,9 +585,10 @@ class Loop:
         """Stop accepting and reading; close sessions once their output is out."""
         if self.draining:
             return
-        log.info("shutting down: %d sessions to drain (at most %gs)",
-                 len(self.conns), self.config.drain_timeout)
-        self.notifier.stopping(f"shutting down: {len(self.conns)} sessions to drain")
+        to_drain = counted(len(self.conns), "session")
+        log.info("shutting down: %s to drain (at most %gs)", to_drain,
+                 self.config.drain_timeout)
+        self.notifier.stopping(f"shutting down: {to_drain} to drain")
         self._stop_accepting()
         self.draining = True
         for fd, sock in self.listeners.items():
@@ -597,8 +599,8 @@ class Loop:
 
     def _drain_expired(self) -> None:
         if self.conns:
-            log.warning("drain timeout: closing %d sessions with output unsent",
-                        len(self.conns))
+            log.warning("drain timeout: closing %s with output unsent",
+                        counted(len(self.conns), "session"))
         self._abort_all("shutdown")
 
     def _abort_all(self, reason: str) -> None:
@@ -610,8 +612,8 @@ class Loop:
 
     def _status_text(self) -> str:
         core = self.core
-        return (f"{len(self.conns)} connections, {core.connections_total} total, "
-                f"{core.requests_total} requests")
+        return (f"{counted(len(self.conns), 'connection')}, {core.connections_total} total, "
+                f"{counted(core.requests_total, 'request')}")
 
     def _report_status(self) -> None:
         self.notifier.status(self._status_text())

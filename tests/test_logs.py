@@ -440,3 +440,10 @@ def test_prints_of_handler_code_come_out_at_once_and_never_fail(mpxd, tmp_path):
     assert m.proc.poll() is None
     assert "Traceback" not in m.log()
     assert m.stop() == 0
+
+
+def test_counts_in_log_lines_agree_with_their_number():
+    assert logs.counted(1, "session") == "1 session"
+    assert logs.counted(0, "session") == "0 sessions"
+    assert logs.counted(3, "process", "processes") == "3 processes"
+    assert logs.counted(1, "process", "processes") == "1 process"

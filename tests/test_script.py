@@ -567,7 +567,7 @@ def test_check_does_not_wait_for_a_thread_the_script_started(write_script):
                             timeout=20, cwd=ROOT)
     assert result.returncode == 0
     assert f"{path}: ok" in result.stdout
-    assert "not waiting for 1 thread(s) the script started (poller)" in result.stderr
+    assert "not waiting for 1 thread the script started (poller)" in result.stderr
 
 
 def test_the_daemon_exits_on_term_despite_a_thread_the_script_started(mpxd, write_script):
@@ -577,7 +577,7 @@ def test_the_daemon_exits_on_term_despite_a_thread_the_script_started(mpxd, writ
     assert m.stop(timeout=10) == 0
     log = m.stderr()
     assert log.index("INFO stopped") < log.index(
-        "WARNING not waiting for 1 thread(s) the script started (poller)")
+        "WARNING not waiting for 1 thread the script started (poller)")
 
 
 def test_a_script_named_like_a_standard_module_is_warned_about(tmp_path):

@@ -233,7 +233,7 @@ def test_term_writes_queued_output_before_closing(daemon, recording):
     sock.sendall(f"big {BIG_LINES}\n".encode())
     assert wait_until(lambda: "big 1" in calls(calls_path))
     d.signal(signal.SIGTERM)
-    d.expect_log(r"shutting down: 1 sessions")
+    d.expect_log(r"shutting down: 1 session")
     data = receive_all(sock)
     assert len(data) == BIG_LINES * 100
     assert data == (b"y" * 99 + b"\n") * BIG_LINES
@@ -251,7 +251,7 @@ def test_term_handles_no_more_input(daemon, recording):
     sock.sendall(f"big {BIG_LINES}\nheld\n".encode())
     assert wait_until(lambda: "big 1" in calls(calls_path))
     d.signal(signal.SIGTERM)
-    d.expect_log(r"shutting down: 1 sessions")
+    d.expect_log(r"shutting down: 1 session")
     sock.sendall(b"big 1\nlater\n")
     data = receive_all(sock)
     assert data == (b"y" * 99 + b"\n") * BIG_LINES      # no "v1 2 held", no "later"
@@ -267,10 +267,10 @@ def test_second_term_during_drain_ends_it_at_once(daemon, recording):
     sock.sendall(f"big {BIG_LINES}\n".encode())
     assert wait_until(lambda: "big 1" in calls(calls_path))
     d.signal(signal.SIGTERM)
-    d.expect_log(r"shutting down: 1 sessions")
+    d.expect_log(r"shutting down: 1 session")
     assert d.child.isalive()                      # the client reads nothing: draining
     d.signal(signal.SIGTERM)
-    d.expect_log(r"second stop signal: closing 1 sessions now")
+    d.expect_log(r"second stop signal: closing 1 session now")
     assert exit_status(d) == 0                    # long before the 600 s drain timeout
     assert calls(calls_path) == ["open 1", "big 1", "close 1"]
     assert len(receive_all_or_reset(sock)) < BIG_LINES * 100
@@ -283,8 +283,8 @@ def test_drain_timeout_bounds_the_drain(daemon, recording):
     sock.sendall(f"big {BIG_LINES}\n".encode())
     assert wait_until(lambda: "big 1" in calls(calls_path))
     d.signal(signal.SIGINT)
-    d.expect_log(r"shutting down: 1 sessions to drain \(at most 0.5s\)")
-    d.expect_log(r"drain timeout: closing 1 sessions with output unsent")
+    d.expect_log(r"shutting down: 1 session to drain \(at most 0.5s\)")
+    d.expect_log(r"drain timeout: closing 1 session with output unsent")
     assert exit_status(d) == 0
     assert calls(calls_path) == ["open 1", "big 1", "close 1"]
     sock.close()

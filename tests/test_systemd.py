@@ -239,7 +239,7 @@ def test_ready_after_listening_reload_and_stopping(systemd, mpxd, tmp_path):
     assert before <= int(reloading["MONOTONIC_USEC"])
     ready = systemd.receive()
     assert ready["READY"] == "1"
-    assert ready["STATUS"].startswith("1 connections")
+    assert ready["STATUS"].startswith("1 connection")
     assert client.ask("y") == "two"
 
     script.write_text("def handle_request(s)\n")      # broken: READY=1 all the same
@@ -251,7 +251,7 @@ def test_ready_after_listening_reload_and_stopping(systemd, mpxd, tmp_path):
 
     m.signal(signal.SIGTERM)
     assert systemd.receive() == {"STOPPING": "1",
-                                 "STATUS": "shutting down: 1 sessions to drain"}
+                                 "STATUS": "shutting down: 1 session to drain"}
     assert client.read_all() == b""
     assert m.wait() == 0
 
