@@ -7,8 +7,9 @@ Try it (needs redis-py, ``pip install redis``, and a Redis server):
     printf '5 global\n' | nc -N localhost 47110           # -> 5
     printf '2 global\n1\n' | nc -N localhost 47111        # -> 7, then 1
 
-"N" adds N to this connection's own counter, as in handlers/counter.py;
-"N global" adds N to the counter in Redis with the atomic INCRBY and answers
+"N" adds N to this connection's own counter, as in handlers/counter.py
+(numbers are read as there: "12abc" counts 12, a word that does not start
+with a number counts 0); "N global" adds N to the counter in Redis with the atomic INCRBY and answers
 the new value, so every mpxd instance and every ``--workers`` process counts
 together.  While Redis cannot be reached a global request is answered
 "ERROR redis unavailable: <reason>" (and logged once per outage); the
@@ -27,6 +28,7 @@ connection has one Redis call in flight at a time.
 
 import logging
 import os
+import re
 from collections import deque
 
 from mpxd import run_in_thread, send_response
@@ -52,24 +54,21 @@ def on_stop(server):
     client.close()
 
 
-def _is_int(token):
-    try:
-        int(token)
-    except ValueError:
-        return False
-    return True
+# As in handlers/counter.py: the C original's sscanf "%d", at most 100 digits.
+_LEADING_INT = re.compile(r"[+-]?\d{1,100}")
 
 
 def handle_request(s):
     if s.handle is None:
         s.handle = {"count": 0, "queue": deque(), "busy": False}
     tokens = s.request.split()
-    if tokens and _is_int(tokens[0]) and len(tokens) == 2 and tokens[1] == "global":
-        s.handle["queue"].append([None, int(tokens[0])])   # answered by Redis
+    number = _LEADING_INT.match(tokens[0]) if tokens else None
+    if number and len(tokens) == 2 and tokens[1] == "global":
+        s.handle["queue"].append([None, int(number.group())])   # answered by Redis
     else:
         value = 0
-        if tokens and _is_int(tokens[0]):
-            s.handle["count"] += int(tokens[0])
+        if number:
+            s.handle["count"] += int(number.group())
             value = s.handle["count"]
         s.handle["queue"].append([str(value), None])
     _pump(s)

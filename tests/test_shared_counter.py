@@ -120,6 +120,16 @@ def test_answers_keep_request_order_across_local_and_redis_requests(daemon, redi
     assert c.read_all() == b"7\n"
 
 
+def test_numbers_are_read_as_the_plain_counter_reads_them(daemon, redis_server):
+    d = daemon(SCRIPT, env={"MPXD_REDIS_URL": redis_server.url})
+    c = d.connect()
+    c.send_lines("12abc", "x", "+3", "2x global", "9" * 200 + " global")
+    assert c.readlines(4) == ["12", "0", "15", "2"]
+    assert c.readline().startswith("ERROR redis: ")   # beyond Redis's 64-bit integers
+    c.send_lines("1 global")
+    assert c.readlines(1) == ["3"]
+
+
 def test_an_unreachable_redis_gives_an_error_line_not_a_crash(daemon, redis_server):
     d = daemon(SCRIPT, env={"MPXD_REDIS_URL": redis_server.url})
     c = d.connect()
