@@ -30,7 +30,7 @@ from .config import Config
 from .framing import LineFramer
 from .logs import log_fast
 from .script import Handlers, retire
-from .session import Session, not_a_str
+from .session import Session, response_problem, short_repr
 from .threads import DaemonThreadPool
 from .timers import Timer, TimerHeap
 
@@ -64,7 +64,11 @@ def user_traceback(exc: BaseException) -> str:
         tb = tb.tb_next
     if tb is None:
         tb = exc.__traceback__
-    return "".join(traceback.format_exception(type(exc), exc, tb)).rstrip()
+    text = "".join(traceback.format_exception(type(exc), exc, tb)).rstrip()
+    if type(exc) is AttributeError and str(exc).startswith("'Session' object has no attribute"):
+        text += ("\n(a session has only the attributes mpxd gives it: keep your own "
+                 "per-session state in s.handle, as in s.handle = {'count': 0})")
+    return text
 
 
 def as_seconds(value: Any, needs: str) -> float:
@@ -235,7 +239,7 @@ class Core:
         self._next_id = session_id + 1
         s = Session(self, session_id, peer, LineFramer(self._max_line), self.now)
         if tls_peer is not None:
-            s.tls_peer = tls_peer       # before handle_open, which may look at it
+            s._tls_peer = tls_peer      # before handle_open, which may look at it
         self.sessions_by_id[session_id] = s
         self.connections_total += 1
         if self._idle_timeout:
@@ -245,18 +249,20 @@ class Core:
             self._handling = s
             try:
                 returned = self._handle_open(s)
+                response = s.response
                 ok = True
             except BaseException as e:
                 self._user_code_failed("handle_open", s, e)
-                returned, ok = None, False
+                returned, response, ok = None, "", False
             self._handling = None
             s._batch = None
-            response, s.response = s.response, ""
-            if returned is not None and not response:
-                self._returned_instead(returned, "handle_open")
-            if ok and not isinstance(response, str):
-                self._user_code_failed("handle_open", s, TypeError(not_a_str(response)))
+            s.response = ""
+            problem = response_problem(response) if ok else None
+            if problem is not None:
+                self._user_code_failed("handle_open", s, problem)
                 ok = False
+            elif returned is not None and not response:
+                self._returned_instead(returned, "handle_open")
             if ok and response:
                 batch.append(response)
             if batch:
@@ -347,12 +353,15 @@ class Core:
         if self._handle_close is not None:
             s.response = ""
             self._call_user(self._handle_close, s, "handle_close", s)
-            if s.response and not self._said_close_response:
+            response = getattr(s, "response", "")   # the script may have deleted it
+            s.response = ""
+            if (not isinstance(response, str) or response) and not self._said_close_response:
                 self._said_close_response = True
                 log.warning("handle_close set s.response to %s, which is not sent: the "
                             "connection is closed by then (a goodbye goes out before "
                             "close_session); said once per script version",
-                            shown_request(str(s.response)))
+                            shown_request(response) if isinstance(response, str)
+                            else short_repr(response))
         if self._session_log and log.isEnabledFor(logging.INFO):
             log_fast(log, logging.INFO, "session %d %s closed: %s, %.3fs, %d requests, "
                      "%d bytes in, %d bytes out",
@@ -381,15 +390,17 @@ class Core:
             s.response = ""
             try:
                 handler(s)
+                response = s.response   # in the try: a script may have deleted it
             except BaseException as e:  # a handler bug ends its session only
                 self._handler_failed(s, line, e)
                 rest = list(remaining)
                 break
-            response = s.response
-            if not isinstance(response, str):   # a handler bug, not a daemon's
-                self._handler_failed(s, line, TypeError(not_a_str(response)))
-                rest = list(remaining)
-                break
+            if not isinstance(response, str) or not response.isascii():
+                problem = response_problem(response)    # a handler bug, not a daemon's
+                if problem is not None:
+                    self._handler_failed(s, line, problem)
+                    rest = list(remaining)
+                    break
             if response:
                 batch.append(response)
                 room -= len(response)
@@ -439,7 +450,7 @@ class Core:
                         "s.response, not what a handler returns (write s.response = "
                         "...); said once per script version", what,
                         shown_request(returned) if isinstance(returned, str)
-                        else f"{returned!r:.200}")
+                        else short_repr(returned))
 
     def _let_interrupts_through(self, exc: BaseException) -> None:
         """Re-raise the user's ^C in a test run; anything else user code raises is its error.
@@ -490,24 +501,36 @@ class Core:
 
     # ---------------------------------------------------------- output
 
-    def enqueue(self, s: Session, text: str) -> None:
-        """Queue one response (``send_response``); enforce the output caps."""
+    def enqueue(self, s: Session, text: str) -> bool:
+        """Queue one response (``send_response``); False if the output cap closed ``s``.
+
+        ``--max-output`` is for a client that reads nothing while output
+        from elsewhere (broadcasts, timers) piles up, so only this output
+        counts against it; a handler's own answers pause reading instead.
+        """
         batch = s._batch
         if batch is not None:       # from inside this session's own handler
             batch.append(text)
-            return
+            return True
+        before = s._out_size
         self._queue_batch(s, [text])
         if s._out_size > self._max_output:
+            alone = s._out_size - before
             log.warning("session %d %s: %d bytes of output unsent, more than "
-                        "--max-output %d; closing it", s.id, format_peer(s.peer),
-                        s._out_size, self._max_output)
+                        "--max-output %d; closing it%s", s.id, format_peer(s.peer),
+                        s._out_size, self._max_output,
+                        f" (one response of {alone} bytes: raise --max-output to "
+                        f"send answers this big with send_response)"
+                        if alone > self._max_output else "")
             self.abort(s, "output overflow")
-        elif s._out_size > self._high_water and not s._paused:
+            return False
+        if s._out_size > self._high_water and not s._paused:
             s._paused = True
             self.dirty.append(s)
+        return True
 
     def _queue_batch(self, s: Session, batch: list[str]) -> None:
-        """Encode responses as lines and append them to ``s``'s output."""
+        """Encode responses (each checked by ``response_problem``) as lines; queue them."""
         eol = self._eol
         if len(batch) == 1:                 # one request per read: the usual case
             text = batch[0]
@@ -517,12 +540,7 @@ class Core:
             text = eol.join(batch)
             if text.count("\n") != len(batch) - 1:   # line breaks inside responses
                 text = eol.join([self._as_lines(r) for r in batch])
-        try:
-            data = (text + eol).encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:
-            data = self._encode_up_to_unencodable(s, batch)
-            if not data:
-                return
+        data = (text + eol).encode("utf-8", "surrogateescape")
         out = s._out
         if out is None:
             s._out = [data]
@@ -530,29 +548,6 @@ class Core:
         else:
             out.append(data)
         s._out_size += len(data)
-
-    def _encode_up_to_unencodable(self, s: Session, batch: list[str]) -> bytes:
-        """The lines of ``batch`` before the first one UTF-8 cannot encode.
-
-        A ``str`` can hold a lone surrogate that no UTF-8 encoder takes (one
-        ``surrogateescape`` did not make: ``json.loads('"\\ud800"')``, say,
-        from a client's input).  That is a bug of the code that made the
-        response, so it goes as an exception in a handler does: logged,
-        the session closed, the responses before it still sent.
-        """
-        eol = self._eol
-        good = []
-        for response in batch:
-            line = self._as_lines(response) if "\n" in response else response
-            try:
-                good.append((line + eol).encode("utf-8", "surrogateescape"))
-            except UnicodeEncodeError as e:
-                log.error("session %d %s: cannot send the response %.80r: %s; "
-                          "closing the session", s.id, format_peer(s.peer), response, e)
-                self._count_error("response", s, e)
-                self.request_close(s, "error")
-                break
-        return b"".join(good)
 
     def _as_lines(self, response: str) -> str:
         """One response with its own line breaks, in this run's end-of-line.

@@ -9,6 +9,7 @@ stay cheap.
 
 from __future__ import annotations
 
+import reprlib
 from os import write as _os_write
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover - imported for type hints only
     from .core import Core
     from .framing import LineFramer
 
-__all__ = ["Session", "send_response", "close_session", "not_a_str"]
+__all__ = ["Session", "send_response", "close_session", "response_problem", "short_repr"]
 
 
 class Session:
@@ -36,9 +37,9 @@ class Session:
     """
 
     __slots__ = (
-        "handle", "request", "response", "tls_peer",
-        # core bookkeeping (read-only to handlers as peer, id and closed)
-        "_peer", "_id", "_closed", "_core", "_framer", "_batch", "_out", "_out_size", "_held",
+        "handle", "request", "response",
+        # core bookkeeping (read-only to handlers as peer, id, closed, tls_peer)
+        "_peer", "_id", "_closed", "_tls_peer", "_core", "_framer", "_batch", "_out", "_out_size", "_held",
         "_paused", "_eof", "_closing", "_abort", "_reason", "_finished",
         "_started", "_last_input", "_idle_timeout", "_idle_timer",
         "_requests", "_bytes_in", "_bytes_out", "_jobs",
@@ -54,7 +55,7 @@ class Session:
         self._peer = peer
         self._id = session_id
         self._closed = False
-        self.tls_peer: str | None = None
+        self._tls_peer: str | None = None
         self._core = core
         self._framer = framer
         self._batch: list[str] | None = None   # responses of the lines being handled
@@ -110,6 +111,14 @@ class Session:
     def closed(self, value: Any) -> None:
         _read_only("closed", "; to close the session, call s.close() (close_session(s))")
 
+    @property
+    def tls_peer(self) -> str | None:
+        return self._tls_peer
+
+    @tls_peer.setter
+    def tls_peer(self, value: Any) -> None:
+        _read_only("tls_peer")
+
     def send_response(self) -> bool:
         """Send what ``self.response`` holds now and empty it (see ``send_response``)."""
         return send_response(self)
@@ -137,26 +146,57 @@ def send_response(s: Session) -> bool:
 
     Callable at any time from the loop's thread: from this session's handler,
     from another session's handler (broadcast), from a timer.  Never blocks.
-    Returns ``False`` (and sends nothing) when the session is already gone.
-    ``RuntimeError`` from another thread (see ``call_soon_threadsafe``).
+    Returns ``False`` (and sends nothing) when the session is already gone,
+    or when this output closed it (``--max-output``).  ``TypeError`` for a
+    ``s.response`` that is not a ``str``, ``UnicodeEncodeError`` for one UTF-8
+    cannot encode; ``RuntimeError`` from another thread (see
+    ``call_soon_threadsafe``).
     """
     s._core.check_thread("send_response")
     text = s.response
-    if not isinstance(text, str):
-        raise TypeError(not_a_str(text))
+    if not isinstance(text, str) or not text.isascii():
+        problem = response_problem(text)
+        if problem is not None:
+            raise problem
     s.response = ""
     if s._closed:
         return False
     if text:
-        s._core.enqueue(s, text)
+        return s._core.enqueue(s, text)
     return True
 
 
-def not_a_str(response: object) -> str:
-    """What is wrong when a handler leaves ``s.response`` as something other than ``str``."""
-    hint = " (decode bytes first, or build a str)" if isinstance(response, (bytes, bytearray)) else ""
-    return (f"s.response must be a str, not {type(response).__name__}: "
-            f"{response!r:.80}{hint}")
+def response_problem(response: object) -> TypeError | UnicodeEncodeError | None:
+    """Why ``response`` cannot be sent, or None: a handler's bug, to be logged as one.
+
+    It must be a ``str``, and one that goes back into bytes:
+    ``surrogateescape`` turns back every character that decoding a client's
+    bytes makes, but a ``str`` can hold a lone surrogate that no UTF-8
+    encoder takes (``json.loads('"\\ud800"')`` on a client's input, say).
+    """
+    if not isinstance(response, str):
+        hint = " (decode bytes first, or build a str)" \
+            if isinstance(response, (bytes, bytearray)) else ""
+        return TypeError(f"s.response must be a str, not {type(response).__name__}: "
+                         f"{short_repr(response)}{hint}")
+    try:
+        response.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as e:
+        e.reason += " (a lone surrogate, from json.loads of a client's \\ud800, say)"
+        return e.with_traceback(None)       # the handler's bug, not a line of mpxd
+    return None
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+
+
+def short_repr(value: object) -> str:
+    """``repr(value)`` cut short, for a log line; never builds a huge one, never raises."""
+    try:
+        return _SHORT.repr(value)
+    except Exception as e:  # noqa: BLE001 - a user's type may break anything
+        return f"<{type(value).__name__} object whose repr raised {type(e).__name__}>"
 
 
 def close_session(s: Session) -> None:

@@ -656,3 +656,27 @@ def test_a_client_that_does_not_read_is_closed_past_max_output(both):
         assert bystander.readline() == b"ok\n"
         bystander.eof()
         assert bystander.read_rest() == b""
+
+
+
+BIG_LATER = """
+from mpxd import call_later, send_response
+
+
+def handle_request(s):
+    def answer():
+        s.response = "y" * (2 * 1024 * 1024)
+        s.response = f"sent {send_response(s)}"     # False: it closed the session
+        send_response(s)
+    call_later(0, answer)
+"""
+
+
+def test_send_response_says_when_its_output_passed_max_output(both):
+    for side in both(BIG_LATER, max_output=1024 * 1024):
+        c = side.connect()
+        c.send(b"big\n")
+        assert c.read_rest() == b""
+        assert c.reason() == "output overflow"
+        side.wait_for_log(r"closing it \(one response of 2097153 bytes: raise "
+                          r"--max-output to send answers this big with send_response\)")

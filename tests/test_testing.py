@@ -378,6 +378,73 @@ def test_a_response_that_is_not_a_str_is_a_handler_error(harness, line, shown):
     assert good.send("still here") == ["ok still here"]
 
 
+BROKEN_OBJECTS = """
+from mpxd import send_response
+
+class Broken:
+    def __repr__(self):
+        raise RuntimeError("repr boom")
+    __str__ = __bool__ = __repr__
+
+def handle_open(s):
+    if s.peer[1] == 1:
+        s.response = Broken()
+    if s.peer[1] == 2:
+        return Broken()
+
+def handle_request(s):
+    if s.request == "broken":
+        s.response = Broken()
+    elif s.request == "huge":
+        s.response = list(range(10**6))
+    elif s.request == "deleted":
+        del s.response
+    elif s.request == "send-broken":
+        s.response = Broken()
+        send_response(s)
+    else:
+        s.response = "ok " + s.request
+
+def handle_close(s):
+    if s.request == "bye":
+        s.response = Broken()
+"""
+
+
+@pytest.mark.parametrize("line, shown", [
+    ("broken", "not Broken: <Broken instance at 0x"),
+    ("huge", "not list: [0, 1, 2, 3, 4, 5, ...]"),
+    ("deleted", "'Session' object has no attribute 'response'"),
+    ("send-broken", "not Broken: <Broken instance at 0x"),
+])
+def test_a_response_that_breaks_repr_or_is_gone_ends_its_session_only(harness, line, shown):
+    # These used to stop the daemon: the repr for the log line raised
+    # outside the handler's try, or reading s.response did.
+    h = harness(BROKEN_OBJECTS)
+    bad, good = h.connect(("127.0.0.1", 9)), h.connect(("127.0.0.1", 10))
+    assert bad.send(["first", line, "never handled"]) == ["ok first"]
+    assert bad.closed and bad.close_reason == "error"
+    [(where, session, exc)] = h.errors
+    assert where == "handle_request" and session is bad.session
+    assert shown in str(exc)
+    assert good.send("still here") == ["ok still here"]
+    assert good.send("still") == ["ok still"]
+
+
+def test_greetings_and_goodbyes_that_break_repr_end_their_session_only(harness, caplog):
+    h = harness(BROKEN_OBJECTS)
+    greeted = h.connect(("127.0.0.1", 1))
+    assert greeted.closed and greeted.close_reason == "error"
+    returned = h.connect(("127.0.0.1", 2))        # a warning, no greeting
+    assert returned.send("hi") == ["ok hi"]
+    assert "handle_open returned <Broken instance at 0x" in caplog.text
+    returned.send("bye")
+    returned.close()
+    assert "handle_close set s.response to <Broken instance at 0x" in caplog.text
+    assert h.connect().send("still") == ["ok still"]
+    assert [where for where, _, _ in h.errors] == ["handle_open"]
+
+
 def test_send_response_refuses_a_response_that_is_not_a_str(harness):
     h = harness(WRONG_TYPES)
     c = h.connect()
@@ -473,8 +540,11 @@ def handle_request(s):
 UNENCODABLE = """
 import json
 
+handled = []
+
 
 def handle_request(s):
+    handled.append(s.request)
     # A JSON string escape can make a lone surrogate, which UTF-8 cannot encode.
     s.response = json.loads(s.request) if s.request.startswith('"') else "ok " + s.request
 """
@@ -483,13 +553,41 @@ def handle_request(s):
 def test_a_response_utf8_cannot_encode_closes_the_session_after_the_ones_before(harness):
     h = harness(UNENCODABLE)
     bad, good = h.connect(), h.connect()
-    # one read: the answers before the bad one still go out, in order
+    # one read: the answers before the bad one still go out, in order, and
+    # the lines after it are not handled, as after a handler's exception
     assert bad.send(b'a\nb\n"\\ud800 lone"\nc\n') == ["ok a", "ok b"]
     assert bad.closed and bad.close_reason == "error"
+    assert h.module.handled == ["a", "b", '"\\ud800 lone"']
     [(where, session, exc)] = h.errors
-    assert where == "response" and session is bad.session
-    assert isinstance(exc, UnicodeEncodeError)
+    assert where == "handle_request" and session is bad.session
+    assert isinstance(exc, UnicodeEncodeError) and "lone surrogate" in str(exc)
     assert good.send('"fine \\u00e9"') == ["fine \u00e9"]
+
+
+def test_send_response_refuses_a_response_utf8_cannot_encode(harness):
+    h = harness("""
+from mpxd import send_response, call_later
+
+def handle_request(s):
+    s.response = "\\ud800"
+    call_later(0, later, s)
+    if s.request == "now":
+        send_response(s)        # raises: a handler error, the session closes
+    s.response = "ok"
+
+def later(s):
+    s.response = "\\udfff"
+    try:
+        send_response(s)
+    except UnicodeEncodeError:
+        s.response = "refused"
+        send_response(s)
+""")
+    c = h.connect()
+    assert c.send("later") == ["ok", "refused"] and not c.closed
+    assert c.send("now") == [] and c.closed
+    [(where, _, exc)] = h.errors
+    assert where == "handle_request" and isinstance(exc, UnicodeEncodeError)
 
 
 def test_the_handler_api_refuses_calls_from_other_threads(harness):
@@ -564,7 +662,7 @@ def handle_request(s):
 
 
 @pytest.mark.parametrize("name, hint", [
-    ("id", ""), ("peer", ""),
+    ("id", ""), ("peer", ""), ("tls_peer", ""),
     ("closed", "; to close the session, call s.close() (close_session(s))")])
 def test_the_servers_facts_about_a_session_cannot_be_assigned(harness, name, hint):
     # s.id = 5 made the harness fail with KeyError and the daemon drop
@@ -572,12 +670,26 @@ def test_the_servers_facts_about_a_session_cannot_be_assigned(harness, name, hin
     # dropped its input but never closed.
     h = harness(ASSIGNS)
     c = h.connect()
-    before = (c.session.id, c.session.peer, c.session.closed)
+    before = (c.session.id, c.session.peer, c.session.closed, c.session.tls_peer)
     assert c.send(f"{name} 5") == [f"s.{name} is set by mpxd and cannot be assigned{hint}; "
                                    f"keep your own per-session state in s.handle"]
-    assert (c.session.id, c.session.peer, c.session.closed) == before
+    assert (c.session.id, c.session.peer, c.session.closed, c.session.tls_peer) == before
     assert c.send("handle mine") == ["handle is 'mine'"]
     assert not c.closed and h.errors == []
+
+
+
+def test_an_attribute_of_its_own_on_a_session_gets_a_hint_in_the_log(harness, caplog):
+    h = harness("""
+def handle_request(s):
+    s.count = 1
+""")
+    c = h.connect()
+    c.send("x")
+    assert c.closed
+    assert "AttributeError: 'Session' object has no attribute 'count'\n(a session has " \
+           "only the attributes mpxd gives it: keep your own per-session state in " \
+           "s.handle, as in s.handle = {'count': 0})" in caplog.text
 
 
 RETURNS = """
@@ -1441,3 +1553,21 @@ def test_a_failing_on_start_raises_as_the_daemon_refuses_to_start(tmp_path):
                       "def handle_request(s):\n    s.response = 'pong'\n")
     with pytest.raises(ScriptError, match="on_start failed.*database unreachable"):
         Harness(script)
+
+
+def test_send_response_returns_false_when_its_output_closed_the_session(harness):
+    h = harness("""
+from mpxd import call_later, send_response
+
+results = []
+
+def handle_request(s):
+    def answer():
+        s.response = "y" * 4096
+        results.append(send_response(s))
+    call_later(0, answer)
+""", max_output=1024)
+    c = h.connect()
+    c.send("big")
+    assert c.closed and c.close_reason == "output overflow"
+    assert h.module.results == [False]
