@@ -286,8 +286,8 @@ class Core:
                 s._held.extend(lines)
             else:
                 self._handle_lines(s, lines)
-        if framer.overflow and not s._closing:
-            self._line_too_long(s)
+        if framer.overflow and not s._closing and s._held is None:
+            self._line_too_long(s)      # held lines first: see output_drained
 
     def eof_received(self, s: Session) -> None:
         """The peer will send no more: handle the last line, then close."""
@@ -313,6 +313,8 @@ class Core:
         held, s._held = s._held, None
         if held:
             self._handle_lines(s, held)
+        if s._held is None and s._framer.overflow and not s._closing:
+            self._line_too_long(s)      # it came behind the lines just handled
         if s._eof and s._held is None and not s._jobs:
             self.request_close(s, "eof")
         self.dirty.append(s)

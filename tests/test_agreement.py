@@ -370,6 +370,10 @@ CASES = [
     Case("default max-line is 64 KiB", ECHO,
          b"x" * 65536 + b"\n" + b"y" * 65537 + b"\nnext\n",
          b"x" * 65536 + b"\nERROR line too long\n", "line too long"),
+    Case("lines held at the high-water mark are answered before a line too long", ECHO,
+         b"".join(b"%02d" % i + b"x" * 48 + b"\n" for i in range(10)) + b"y" * 70 + b"\n",
+         b"".join(b"%02d" % i + b"x" * 48 + b"\n" for i in range(10))
+         + b"ERROR line too long\n", "line too long", {"max_line": 60, "max_output": 1600}),
     # SPEC 2 and 4: the session object, session functions and connection life
     Case("session object as handlers see it", SESSION,
          b"state\nagain\nmethods\nclose\nignored\n",
