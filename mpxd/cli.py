@@ -87,7 +87,8 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) ->
 @click.option("--drain-timeout", type=float, default=10.0, show_default=True,
               metavar="SECONDS", callback=_seconds,
               help="On TERM/INT, how long queued output may take before sessions "
-                   "are closed anyway.")
+                   "are closed anyway; and how long a closing session's client may "
+                   "read none of its last output before it is dropped.")
 @click.option("--threads", type=click.IntRange(1, 256), default=4, show_default=True,
               help="Worker threads for mpxd.run_in_thread.")
 @click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,

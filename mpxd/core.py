@@ -151,6 +151,10 @@ class Core:
         self._high_water = config.high_water
         self._low_water = config.low_water
         self._max_output = config.max_output
+        self._drain_timeout = config.drain_timeout
+        # The edge's output that the client has not read yet, for a session:
+        # the loop asks the kernel; the test kit's clients read at once.
+        self.edge_backlog: Callable[[Session], int] = lambda s: 0
         self._max_line = config.max_line
         self._idle_timeout = config.idle_timeout
         self._session_log = config.session_log
@@ -328,6 +332,8 @@ class Core:
         edge (the loop, the test harness) asks this rather than decide.
         """
         if s._closing:
+            if unsent and s._stall_timer is None:
+                self._watch_last_output(s, self._taken(s))
             return not unsent
         if s._paused and s._out_size <= self._low_water and not s._throttled:
             self.output_drained(s)
@@ -351,6 +357,9 @@ class Core:
         if s._idle_timer is not None:
             s._idle_timer.cancel()
             s._idle_timer = None
+        if s._stall_timer is not None:
+            s._stall_timer.cancel()
+            s._stall_timer = None
         self.sessions_by_id.pop(s._id, None)
         if self._handle_close is not None:
             s.response = ""
@@ -582,6 +591,34 @@ class Core:
         if not s._reason:
             s._reason = reason
         self.dirty.append(s)
+
+    def _watch_last_output(self, s: Session, taken: int) -> None:
+        """A closing session's output did not all go out: give up if the client stops reading.
+
+        An idle timeout, ``close_session`` or an error closes a session once
+        its queued output is written; a client that reads none of it would
+        keep the session, its descriptor and its output for ever.  After a
+        ``--drain-timeout`` in which the client took no byte, it is dropped.
+        """
+        s._stall_timer = self.timers.add(self.now + self._drain_timeout,
+                                         self._last_output_stalled, (s, taken))
+
+    def _taken(self, s: Session) -> int:
+        """Bytes of ``s``'s output its client has read: written, less the kernel's queue."""
+        return s._bytes_out - self.edge_backlog(s)
+
+    def _last_output_stalled(self, s: Session, taken: int) -> None:
+        s._stall_timer = None
+        if s._finished:
+            return
+        now_taken = self._taken(s)
+        if now_taken != taken:              # it reads, however slowly: wait on
+            self._watch_last_output(s, now_taken)
+            return
+        log.warning("session %d %s: closing (%s), but the client read none of its "
+                    "last output for %gs; dropping %d bytes unsent", s.id,
+                    format_peer(s.peer), s._reason, self._drain_timeout, s._out_size)
+        self.abort(s, s._reason)
 
     def abort(self, s: Session, reason: str) -> None:
         """Close ``s`` at once, dropping its queued output."""

@@ -16,12 +16,15 @@ Write interest is registered only while output is left over.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import resource     # at the top: after --user the stdlib may be unreadable
 import select
 import signal
 import socket
+import struct
+import termios
 from typing import Any, Callable
 
 from .config import Config
@@ -146,6 +149,7 @@ class Loop:
         self._emfile_logged = False
         self._wakeup = wakeup or Wakeup()     # the CLI's routes signals from start-up on
         core.wake = self._wakeup.wake
+        core.edge_backlog = _unread
         # Edge features (mpxd.edge), empty unless TLS, unix sockets, access
         # rules, rate limits or --control are used: per-listener hooks that
         # take over accepted connections, callbacks for descriptors that are
@@ -630,6 +634,14 @@ def _read_rest(fd: int, data: bytes) -> bytes:
         return data + os.read(fd, RECV_SIZE)
     except OSError:
         return data
+
+
+def _unread(s: Session) -> int:
+    """Bytes written to ``s``'s socket that its client has not read (SIOCOUTQ)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(s._fd, termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        return 0
 
 
 def _close_fd(fd: int) -> None:

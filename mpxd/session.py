@@ -41,7 +41,7 @@ class Session:
         # core bookkeeping (read-only to handlers as peer, id, closed, tls_peer)
         "_peer", "_id", "_closed", "_tls_peer", "_core", "_framer", "_batch", "_out", "_out_size", "_held",
         "_paused", "_eof", "_closing", "_abort", "_reason", "_finished",
-        "_started", "_last_input", "_idle_timeout", "_idle_timer",
+        "_started", "_last_input", "_idle_timeout", "_idle_timer", "_stall_timer",
         "_requests", "_bytes_in", "_bytes_out", "_jobs",
         # I/O edge bookkeeping
         "_fd", "_sock", "_wbuf", "_woff", "_mask", "_write", "_throttled",
@@ -72,6 +72,7 @@ class Session:
         self._last_input = now
         self._idle_timeout: float | None = None
         self._idle_timer: Any = None
+        self._stall_timer: Any = None          # a closing session's output not taken
         self._requests = 0
         self._bytes_in = 0
         self._bytes_out = 0

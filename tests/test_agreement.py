@@ -684,3 +684,39 @@ def test_send_response_says_when_its_output_passed_max_output(both):
         assert c.reason() == "output overflow"
         side.wait_for_log(r"closing it \(one response of 2097153 bytes: raise "
                           r"--max-output to send answers this big with send_response\)")
+
+
+STUCK = """
+from mpxd import close_session
+
+
+def handle_request(s):
+    if s.request in ("big", "bye"):     # more than loopback's buffers hold
+        s.response = "x" * (16 * 1024 * 1024)
+    else:
+        s.response = s.request
+    if s.request == "bye":
+        close_session(s)
+"""
+
+
+@pytest.mark.parametrize("request_line, options, reason", [
+    (b"big\n", {"idle_timeout": 1}, "timeout"),
+    (b"bye\n", {}, "close_session"),
+])
+def test_a_closing_session_whose_client_reads_nothing_is_dropped(both, request_line,
+                                                                 options, reason):
+    # An idle timeout or close_session waits for the queued output; a client
+    # that never read kept its session (and its output) until it went away.
+    for side in both(STUCK, drain_timeout=1, **options):
+        stuck = side.connect()
+        stuck.stop_reading()
+        stuck.send(request_line)
+        side.idle(4)
+        assert stuck.reason() == reason
+        side.wait_for_log(rf"session \d+ 127\.0\.0\.1:{stuck.port}: closing \({reason}\), "
+                          rf"but the client read none of its last output for 1s; "
+                          rf"dropping \d+ bytes unsent")
+        later = side.connect()
+        later.send(b"hi\n")
+        assert later.readline() == b"hi\n"

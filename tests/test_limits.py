@@ -549,3 +549,32 @@ def test_routine_resets_are_not_logged_as_errors(mpxd_run):
     assert wait_until(lambda: d.count_log(r"closed: (reset|eof)") == 5)
     assert "Traceback" not in d.log() and " ERROR " not in d.log()
     assert ask(d.connect(), "7") == "7"
+
+
+def test_a_closing_sessions_slow_reader_is_waited_for_and_a_stopped_one_dropped(
+        mpxd_run, write_script):
+    # What counts is what the client reads (the kernel's send queue), not
+    # what mpxd wrote: a slow reader drains loopback's buffers long before
+    # mpxd can write again.
+    script = write_script("""
+        from mpxd import close_session
+        def handle_request(s):
+            s.response = "x" * (16 * 1024 * 1024)
+            close_session(s)
+    """)
+    d = mpxd_run(script, "--drain-timeout", "1.5")
+    slow = d.connect(rcvbuf=64 * 1024)
+    slow.sendall(b"go\n")
+    received = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 3:        # three drain timeouts of reading
+        chunk = slow.recv(64 * 1024)          # about 240 KB/s
+        assert chunk, f"closed while the client read, after {received} bytes"
+        received += len(chunk)
+        time.sleep(0.2)
+    assert "read none" not in d.log()
+    d.wait_log(r"closing \(close_session\), but the client read none of its last "
+               r"output for 1.5s; dropping \d+ bytes unsent", timeout=5)
+    data, _how = read_until_closed(slow)
+    assert received + len(data) < 16 * 1024 * 1024
+    assert d.stop() == 0
