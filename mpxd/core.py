@@ -31,6 +31,7 @@ from .framing import LineFramer
 from .logs import log_fast
 from .script import Handlers, retire
 from .session import Session, response_problem, short_repr
+from .signals import signal_handlers_kept
 from .threads import DaemonThreadPool
 from .timers import Timer, TimerHeap
 
@@ -189,7 +190,8 @@ class Core:
         self._loop_thread = self.timers.thread = threading.get_ident()
         if self.handlers.on_start is None:
             return True
-        return self._call_user(self.handlers.on_start, None, "on_start", self)
+        with signal_handlers_kept(self.handlers.path, "in on_start"):
+            return self._call_user(self.handlers.on_start, None, "on_start", self)
 
     def stop(self, run_on_stop: bool = True) -> None:
         """Run the script's ``on_stop`` and end the worker threads.
@@ -224,10 +226,12 @@ class Core:
         # kept 60 MB for as long as the daemon ran on.  So collect once the
         # reload's frames (which still hold that version) are gone.
         self.call_later(0, gc.collect)
-        if handlers.on_reload is not None and not self._call_user(
-                handlers.on_reload, None, "on_reload", old.module):
-            retire(handlers, serving=old)
-            return False
+        if handlers.on_reload is not None:
+            with signal_handlers_kept(handlers.path, "in on_reload"):
+                reloaded = self._call_user(handlers.on_reload, None, "on_reload", old.module)
+            if not reloaded:
+                retire(handlers, serving=old)
+                return False
         self._install(handlers)
         retire(old)
         self.reloads += 1

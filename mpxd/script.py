@@ -22,18 +22,13 @@ import keyword
 import logging
 import os
 import pwd
-import signal
 import sys
-import threading
 import traceback
 import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from .signals import HANDLED_SIGNALS, StopDuringStartup
-
-# The signals a script's import must leave as mpxd has them.
-KEPT_SIGNALS = HANDLED_SIGNALS + (signal.SIGPIPE,)
+from .signals import StopDuringStartup, signal_handlers_kept
 
 log = logging.getLogger("mpxd")
 
@@ -131,7 +126,7 @@ def _run_without_a_server(code: types.CodeType, module: types.ModuleType) -> Non
     running, core._current = core._current, None
     pid = os.getpid()
     try:
-        with _signal_handlers_kept(module.__file__):
+        with signal_handlers_kept(module.__file__, "at import"):
             exec(code, module.__dict__)
     except BaseException:
         _end_a_forked_child(pid, module.__file__, 1)
@@ -161,35 +156,6 @@ def _end_a_forked_child(pid: int, path: str, status: int) -> None:
     for handler in logging.getLogger("mpxd").handlers:
         handler.flush()
     os._exit(status)
-
-
-@contextlib.contextmanager
-def _signal_handlers_kept(path: str) -> Iterator[None]:
-    """Undo, with a warning, what the script's import did to the daemon's signals.
-
-    mpxd routes TERM, INT, HUP and USR1 through its loop.  A handler the
-    script set at import was silently replaced at start-up, and after a
-    HUP it replaced mpxd's: TERM no longer stopped the daemon.  And PIPE
-    must stay ignored: the CLI idiom ``signal(SIGPIPE, SIG_DFL)`` made the
-    first client that left during a write kill the daemon without a word.
-    """
-    before = {signum: signal.getsignal(signum) for signum in KEPT_SIGNALS}
-    pid = os.getpid()
-    try:
-        yield
-    finally:
-        changed = [signum for signum, handler in before.items()
-                   if signal.getsignal(signum) != handler]
-        # (A child the script forked got default handling back on purpose.)
-        if changed and threading.current_thread() is threading.main_thread() \
-                and os.getpid() == pid:
-            for signum in changed:
-                signal.signal(signum, before[signum])
-            names = ", ".join(signal.Signals(signum).name for signum in changed)
-            log.warning("%s set its own handler for %s at import; mpxd keeps its own "
-                        "(TERM and INT stop gracefully, HUP reloads, USR1 reopens "
-                        "logs, PIPE stays ignored so that a client going away cannot "
-                        "kill the daemon): clean up in on_stop instead", path, names)
 
 
 def _user_name() -> str:

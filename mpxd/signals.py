@@ -15,6 +15,7 @@ The one exception is start-up, before the loop runs: inside
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -22,18 +23,56 @@ import threading
 import time
 from typing import Iterator
 
-__all__ = ["Wakeup", "HANDLED_SIGNALS", "StopDuringStartup"]
+__all__ = ["Wakeup", "HANDLED_SIGNALS", "StopDuringStartup", "signal_handlers_kept"]
+
+log = logging.getLogger("mpxd")
 
 # USR2 is handled only to be ignored: its default action kills the process,
 # and operators used to nginx or gunicorn send it for a binary upgrade.
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
                    signal.SIGUSR2)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What a script must leave alone: mpxd's signals, and PIPE, which stays ignored.
+KEPT_SIGNALS = HANDLED_SIGNALS + (signal.SIGPIPE,)
+KEEP_YOURS_OUT = ("mpxd keeps its own (TERM and INT stop gracefully, HUP reloads, USR1 "
+                  "reopens logs, PIPE stays ignored so that a client going away cannot "
+                  "kill the daemon): clean up in on_stop instead")
 # A third stop signal the loop has not taken up, the first of them this many
 # seconds old, means the loop is stuck (a handler that never returns): exit.
 STUCK_AFTER = 2.0
 STUCK_MESSAGE = (b"mpxd: 3 stop signals in %.0fs and the loop took up none: a handler "
                  b"is stuck; exiting now, without a drain\n")
+
+
+@contextlib.contextmanager
+def signal_handlers_kept(path: str, when: str) -> Iterator[None]:
+    """Undo, with a warning, what the script's code inside did to the daemon's signals.
+
+    For its import, ``on_start`` and ``on_reload``: the places where setting
+    up a library sets up signal handlers.  A handler the script set at
+    import was silently replaced at start-up, and after a HUP, or in
+    ``on_start``, it replaced mpxd's: TERM no longer stopped the daemon.
+    And PIPE must stay ignored: the CLI idiom ``signal(SIGPIPE, SIG_DFL)``
+    made the first client that left during a write kill the daemon without
+    a word.  (Handlers, which run for every request, are not checked each
+    time: a signal that then reaches the script's handler is noticed by
+    ``Wakeup.drain``.)
+    """
+    before = {signum: signal.getsignal(signum) for signum in KEPT_SIGNALS}
+    pid = os.getpid()
+    try:
+        yield
+    finally:
+        changed = [signum for signum, handler in before.items()
+                   if signal.getsignal(signum) != handler]
+        # (A child the script forked got default handling back on purpose.)
+        if changed and threading.current_thread() is threading.main_thread() \
+                and os.getpid() == pid:
+            for signum in changed:
+                signal.signal(signum, before[signum])
+            names = ", ".join(signal.Signals(signum).name for signum in changed)
+            log.warning("%s set its own handler for %s %s; %s", path, names, when,
+                        KEEP_YOURS_OUT)
 
 
 class StopDuringStartup(BaseException):
@@ -187,14 +226,33 @@ class Wakeup:
 
     def drain(self) -> list[int]:
         """Empty the socketpair; return (and forget) the recorded signals."""
+        came = b""
         try:
-            while self._reader.recv(4096):
-                pass
+            while data := self._reader.recv(4096):
+                came += data
         except (BlockingIOError, InterruptedError):
             pass
+        if came.strip(b"\0"):              # signal numbers, from the C-level handler
+            self._take_back(set(came) - {0})
         pending, self.pending = self.pending, []
         self._stops.clear()
         return pending
+
+    def _take_back(self, signums: set[int]) -> None:
+        """Signals that came to a handler the script set after start-up: take them back.
+
+        The C-level handler writes every signal's number to the wakeup fd,
+        whichever Python handler then runs; a signal of ours that ours did
+        not record went to a handler a request handler or a timer set.
+        """
+        for signum in sorted(signums):
+            if signum not in self._previous or signal.getsignal(signum) == self._record:
+                continue
+            signal.signal(signum, self._record)
+            if signum not in self.pending:
+                self.pending.append(signum)
+            log.warning("%s reached a handler the script set after start-up; %s",
+                        signal.Signals(signum).name, KEEP_YOURS_OUT)
 
     def close(self) -> None:
         """Uninstall the signal handlers and close both ends."""

@@ -468,6 +468,28 @@ def test_a_script_cannot_take_the_daemons_signals(daemon, tmp_path):
     assert d.stop(timeout=5) == 0
 
 
+def test_nor_take_them_in_on_start_or_in_a_handler(daemon, tmp_path):
+    # on_start is where libraries get set up, and some set signal handlers:
+    # TERM then only printed "mine" and the daemon had to be killed.
+    script = tmp_path / "later_signals.py"
+    script.write_text("import signal\n"
+                      "def on_start(server):\n"
+                      "    signal.signal(signal.SIGTERM, lambda *a: print('mine'))\n"
+                      "def handle_request(s):\n"
+                      "    signal.signal(signal.SIGTERM, lambda *a: print('mine again'))\n"
+                      "    s.response = 'ok'\n")
+    d = daemon(str(script))
+    assert re.search(rb"later_signals.py set its own handler for SIGTERM in on_start; "
+                     rb"mpxd keeps its own", d.child.before)
+    assert d.connect().ask("x") == "ok"     # the handler's own goes unnoticed, until...
+    d.signal(signal.SIGTERM)
+    d.expect_log(r"SIGTERM reached a handler the script set after start-up; mpxd keeps "
+                 r"its own")
+    d.expect_log(r"shutting down")
+    d.expect_log(r"stopped")
+    assert d.stop() == 0
+
+
 def test_a_script_cannot_make_a_leaving_client_kill_the_daemon(daemon, tmp_path):
     # signal(SIGPIPE, SIG_DFL), a common CLI idiom, made the first client
     # that closed during a write kill mpxd (status 141, nothing logged).
