@@ -83,7 +83,7 @@ def test_a_child_from_multiprocessing_does_not_hold_the_port_or_the_pidfile(  # 
         d.signal(signal.SIGTERM)
         d.wait_for("stopped")
         # mpxd itself then waits for its child, as multiprocessing does, and says so.
-        d.wait_for(rf"waiting for 1 process\(es\) the script started with multiprocessing "
+        d.wait_for(rf"waiting for 1 process the script started with multiprocessing "
                    rf"\(pid {child}\) to end: end them in on_stop")
         with socket.socket() as again:
             again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
