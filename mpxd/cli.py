@@ -56,7 +56,7 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) ->
 @click.option("--port", "-p", type=click.IntRange(0, 65535),
               help="TCP port to listen on; 0 picks a free one. Not needed "
                    "under systemd socket activation.")
-@click.option("--host", "hosts", multiple=True, metavar="ADDRESS",
+@click.option("--host", "hosts", multiple=True, metavar="ADDRESS", envvar="MPXD_HOST",
               help="Address to listen on, or a name (every address it resolves "
                    "to); repeatable. Default: 127.0.0.1 and ::1. Use 0.0.0.0 and :: "
                    "for all interfaces.")
@@ -106,7 +106,7 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) ->
               help="Log one INFO line per closed session (peer, duration, requests, "
                    "bytes, reason).  Under heavy connection churn writing it is "
                    "about 15% of the CPU per connection.")
-@click.option("--daemon", "-d", "daemonize", is_flag=True,
+@click.option("--daemon", "-d", "daemonize", is_flag=True, envvar="MPXD_DAEMON",
               help="Detach into the background (for a plain init); the command "
                    "exits 0 once the daemon listens.")
 @click.option("--user", default=None, help="Switch to this user after binding.")

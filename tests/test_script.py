@@ -17,6 +17,7 @@ import sys
 import types
 import uuid
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -521,6 +522,31 @@ def test_help_lists_the_options():
 def test_options_can_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("MPXD_EOL", "cr")
     assert run_cli("--port", "0", COUNTER).exit_code == 2   # read, and rejected
+
+
+def test_every_option_comes_from_mpxd_and_its_own_name():
+    # --host and --daemon are held as "hosts" and "daemonize", and click
+    # names the variable after those: MPXD_HOST=0.0.0.0 in an env file was
+    # ignored without a word, and the daemon stayed on loopback.
+    for param in main.params:
+        if isinstance(param, click.Option) and not param.hidden and param.expose_value:
+            long = next(o for o in param.opts if o.startswith("--"))
+            want = "MPXD_" + long[2:].replace("-", "_").upper()
+            assert (param.envvar or f"MPXD_{param.name.upper()}") == want, long
+
+
+def test_mpxd_host_from_the_environment(tmp_path):
+    env = dict(os.environ, MPXD_HOST="127.0.0.1", MPXD_PORT="0")
+    child = subprocess.Popen([*MPXD, COUNTER], stderr=subprocess.PIPE, text=True,
+                             env=env, cwd=ROOT)
+    try:
+        first = child.stderr.readline()
+        assert "listening on 127.0.0.1:" in first
+        assert "::1" not in first
+    finally:
+        child.terminate()
+        child.wait(timeout=10)
+    assert "listening on [::1]" not in child.stderr.read()
 
 
 def test_a_port_in_use_exits_1_naming_address_and_port():
