@@ -269,9 +269,19 @@ class ReopenableFileHandler(LineBatching, logging.FileHandler):
         except (OSError, ValueError):
             pass                # --daemon: stderr is that same file
 
-    def reopen(self) -> None:
-        """Open the path anew, then switch to it; on failure keep the old file."""
+    def reopen(self, owner: tuple[int, int] | None = None) -> None:
+        """Open the path anew, then switch to it; on failure keep the old file.
+
+        ``owner``: ``(uid, gid)`` to give a file this creates, from a process
+        that kept root (the ``--workers`` supervisor) for ones that did not.
+        """
+        new = not os.path.exists(self.baseFilename)
         stream = self._open()             # raises OSError; the old stream stays
+        if new and owner is not None and os.geteuid() == 0:
+            try:
+                os.chown(self.baseFilename, *owner)
+            except OSError:
+                pass                      # the workers' reopen says what failed
         self.acquire()
         try:
             self.flush()                  # what was batched belongs in the old file
@@ -291,13 +301,14 @@ def point_stdio_at(fd: int) -> None:
             os.dup2(fd, stdio)
 
 
-def reopen_log_files(handlers: list[ReopenableFileHandler]) -> None:
+def reopen_log_files(handlers: list[ReopenableFileHandler],
+                     owner: tuple[int, int] | None = None) -> None:
     """Reopen every log file (USR1); one that fails is logged and kept as it was."""
     if not handlers:
         log.info("no log file to reopen (logging to stderr or syslog)")
     for handler in handlers:
         try:
-            handler.reopen()
+            handler.reopen(owner)
         except OSError as e:
             log.error("cannot reopen log file %s: %s; still writing to the old file",
                       handler.baseFilename, e.strerror)

@@ -6,7 +6,7 @@ import grp
 import os
 import pwd
 
-__all__ = ["PrivilegeError", "drop_privileges"]
+__all__ = ["PrivilegeError", "drop_privileges", "ids_of"]
 
 
 class PrivilegeError(Exception):
@@ -48,6 +48,19 @@ def drop_privileges(user: str | None, group: str | None) -> None:
     if entry is not None:
         os.environ["HOME"] = entry.pw_dir
         os.environ["USER"] = os.environ["LOGNAME"] = entry.pw_name
+
+
+def ids_of(user: str | None, group: str | None) -> tuple[int, int] | None:
+    """``(uid, gid)`` that ``drop_privileges`` would switch to (-1: unchanged); None if none."""
+    if not user and not group:
+        return None
+    try:
+        entry = _lookup(pwd.getpwnam, pwd.getpwuid, user) if user else None
+        gid = _lookup(grp.getgrnam, grp.getgrgid, group).gr_gid if group \
+            else entry.pw_gid  # type: ignore[union-attr]
+    except KeyError:
+        return None             # drop_privileges names the unknown one
+    return (entry.pw_uid if entry is not None else -1), gid
 
 
 def _lookup(by_name, by_id, name: str):

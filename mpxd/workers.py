@@ -65,7 +65,7 @@ from .listeners import ListenError, bind_listeners, describe
 from .logs import reopen_log_files, setup_logging
 from .loop import MAX_WAIT, USR2_IGNORED, Loop, prepare_listeners
 from .pidfile import PidFile, PidFileError
-from .privileges import PrivilegeError, drop_privileges
+from .privileges import PrivilegeError, drop_privileges, ids_of
 from .script import ScriptError, load_script
 from .signals import HANDLED_SIGNALS, StopDuringStartup, Wakeup
 from .systemd import Notifier
@@ -132,9 +132,12 @@ def supervise(config: Config, inherited: list[socket.socket], count: int) -> int
             pidfile.release()
         return start_failed(str(e), detached, config.daemon)
 
+    # A log file USR1 makes anew is the supervisor's, which keeps root: the
+    # workers, which reopen it next, could not write to it.
+    owner = ids_of(config.user, config.group)
     supervisor = Supervisor(config, count, held, shared=bool(inherited),
                             notifier=Notifier.from_environment(), detached=detached,
-                            reopen_logs=lambda: reopen_log_files(reopenable))
+                            reopen_logs=lambda: reopen_log_files(reopenable, owner))
     try:
         status = supervisor.run()
     finally:

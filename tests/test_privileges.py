@@ -10,7 +10,9 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -222,3 +224,42 @@ def test_asking_for_the_user_we_already_are_is_fine():
         print("still", os.getresuid())
     """)
     assert child.stdout == f"still {(NOBODY.pw_uid,) * 3}\n", child.stderr
+
+
+def test_usr1_under_workers_makes_a_log_file_the_workers_can_write(shared_dir):
+    # The supervisor keeps root and reopened first, so it made the new file
+    # root's: every worker then said "Permission denied" and wrote on into
+    # the rotated file, which logrotate later compresses and deletes.
+    logs = os.path.join(shared_dir, "logs")
+    os.mkdir(logs)
+    os.chown(logs, NOBODY.pw_uid, NOBODY.pw_gid)     # as the README tells
+    log_file = os.path.join(logs, "mpxd.log")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mpxd", "--port", "0", "--host", "127.0.0.1",
+         "--workers", "2", "--user", "nobody", "--log-file", log_file,
+         os.path.join(shared_dir, "handler.py")], cwd=ROOT)
+    try:
+        def logged(pattern: str) -> str | None:
+            try:
+                with open(log_file) as f:
+                    match = re.search(pattern, f.read())
+            except FileNotFoundError:
+                return None
+            return match.group(1) if match else None
+        assert wait_until(lambda: logged(r"listening on 127\.0\.0\.1:(\d+)"), timeout=20)
+        port = int(logged(r"listening on 127\.0\.0\.1:(\d+)"))
+        os.rename(log_file, log_file + ".1")
+        os.kill(child.pid, signal.SIGUSR1)
+        assert wait_until(lambda: os.path.exists(log_file)
+                          and len(re.findall(r"reopened|cannot reopen",
+                                             open(log_file).read())) >= 3, timeout=10)
+        assert os.stat(log_file).st_uid == NOBODY.pw_uid
+        for _ in range(4):
+            ask(port, "who")
+        assert wait_until(lambda: open(log_file).read().count("closed: eof") == 4,
+                          timeout=10)
+        with open(log_file) as f:
+            assert "cannot reopen" not in f.read()
+    finally:
+        child.terminate()
+        assert child.wait(timeout=20) == 0
