@@ -157,6 +157,9 @@ class Loop:
         self.admission: dict[int, Callable[[int, Any], None]] = {}
         self.watchers: dict[int, Callable[[int], None]] = {}
         self.reload_hooks: list[Callable[[], None]] = []
+        # Told how each HUP reload ended (None: it worked): a --workers
+        # worker tells its supervisor, which tells systemd.
+        self.reload_done: Callable[[str | None], None] | None = None
         # Closed sessions' descriptors waiting for the peer's EOF (_linger).
         self.lingering: dict[int, Timer] = {}
         self._forget_descriptors = keep_from_children(self._descriptors)
@@ -502,6 +505,12 @@ class Loop:
 
         Returns why the reload failed (for ``mpxctl reload``), or None.
         """
+        failure = self._reload()
+        if self.reload_done is not None:
+            self.reload_done(failure)
+        return failure
+
+    def _reload(self) -> str | None:
         path = self.core.handlers.path
         if self.draining:
             log.info("not reloading %s: shutting down", path)

@@ -62,7 +62,8 @@ from .core import Core
 from .daemonize import Detached, detach, start_failed
 from .edge import Edge
 from .listeners import ListenError, bind_listeners, describe
-from .logs import reopen_log_files, setup_logging
+from .forks import keep_from_children
+from .logs import counted, reopen_log_files, setup_logging
 from .loop import MAX_WAIT, USR2_IGNORED, Loop, prepare_listeners
 from .pidfile import PidFile, PidFileError
 from .privileges import PrivilegeError, drop_privileges, ids_of
@@ -89,6 +90,9 @@ class Worker:
 
     __slots__ = ("number", "pid", "status_fd", "ready", "started", "young_deaths",
                  "message", "last_beat")
+    # On its pipe a worker writes "ready" or "error MESSAGE" once, then lines:
+    # "alive" (heartbeats, under a watchdog) and, after each HUP, "reloaded"
+    # or "reload failed MESSAGE".
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -172,6 +176,8 @@ class Supervisor:
         self.stopping = False
         self.failure = ""               # why start-up failed, if it did
         self.watchdog_held = False      # a silent worker stopped the WATCHDOG=1 pings
+        self.reloading: set[int] = set()    # workers whose HUP reload has not ended
+        self.reload_failures: list[str] = []
         self.unclean = False            # a worker exited badly during shutdown
 
     # ------------------------------------------------------------ running
@@ -249,16 +255,46 @@ class Supervisor:
         elif signum == signal.SIGHUP:
             if self.stopping:
                 return
+            if not self.announced:
+                # Each worker reloads once it serves; READY=1 comes with "listening on".
+                log.info("HUP during start-up: passing it on to the workers")
+                self._forward(signum)
+                return
             log.info("reloading: passing HUP on to %d workers", self._alive())
             self.notifier.reloading()
+            self.reloading = {w.number for w in self.workers if w.ready}
+            self.reload_failures = []
             self._forward(signum)
-            self.notifier.ready(self._status_text())
+            self._reload_ended_if_done()
         elif signum == signal.SIGUSR1:
             if self.reopen_logs is not None:
                 self.reopen_logs()
             self._forward(signum)
         elif signum == signal.SIGUSR2:
             log.warning(USR2_IGNORED)   # and not passed on: one warning is enough
+
+    def _reloaded(self, worker: Worker, failure: str | None) -> None:
+        """``worker`` reported how its reload ended (or it exited meanwhile)."""
+        if worker.number not in self.reloading:
+            return
+        self.reloading.discard(worker.number)
+        if failure:
+            self.reload_failures.append(failure)
+        self._reload_ended_if_done()
+
+    def _reload_ended_if_done(self) -> None:
+        """Every worker reloaded or refused: systemd's reload ends (READY=1)."""
+        if self.reloading:
+            return
+        if self.reload_failures:
+            failure = self.reload_failures[0]
+            log.error("reload failed in %s, which still serve the previous version: %s",
+                      counted(len(self.reload_failures), "worker"), failure)
+            self.notifier.ready(f"reload failed: {failure}; {self._status_text()}")
+        else:
+            log.info("every worker reloaded")
+            self.notifier.ready(self._status_text())
+        self.reload_failures = []
 
     def _forward(self, signum: int) -> None:
         for worker in self.workers:
@@ -307,15 +343,19 @@ class Supervisor:
                 data = b""
             if not data:
                 break
-            if worker.ready:                # "alive" heartbeats
-                worker.last_beat = time.monotonic()
-                continue
             worker.message += data.decode("utf-8", "replace")
-            if worker.message.startswith("ready"):
-                worker.ready = True
-                worker.last_beat = time.monotonic()
-                if self.announced:
-                    log.info("%s ready", worker.name)
+            if worker.message.startswith("error "):
+                continue                    # all of it, until the worker exits
+            worker.last_beat = time.monotonic()     # any line: its loop runs
+            *lines, worker.message = worker.message.split("\n")
+            for line in lines:
+                if line == "ready" and not worker.ready:
+                    worker.ready = True
+                    if self.announced:
+                        log.info("%s ready", worker.name)
+                elif line == "reloaded" or line.startswith("reload failed "):
+                    # (A HUP during start-up comes before "ready": not waited for.)
+                    self._reloaded(worker, line[len("reload failed "):] or None)
         self.poller.unregister(fd)
         os.close(fd)
         worker.status_fd = None
@@ -344,6 +384,7 @@ class Supervisor:
         name = worker.name
         worker.pid = None
         worker.ready = False
+        self._reloaded(worker, None)        # a reload waits for it no longer
         if self.stopping:
             if error and error == self.failure:
                 log.debug("%s %s: %s", name, how, error)    # said once already
@@ -515,9 +556,14 @@ def _serve_as_worker(config: Config, number: int, status_fd: int,
                            "(its traceback is in the log); not serving")
         return 1
     # "ready" from the loop's first pass: on_start has run and it accepts.
-    core.call_later(0, _report, status_fd, "ready", heartbeat is None)
+    # The pipe stays open for how each HUP reload ended, and for heartbeats.
+    core.call_later(0, _report, status_fd, "ready", False)
+    os.set_blocking(status_fd, False)       # a line is dropped rather than wait
+    keep_from_children(lambda: [status_fd])   # a process the script forks: not its business
+    loop.reload_done = lambda failure: _report(
+        status_fd, "reloaded" if failure is None else
+        "reload failed " + " ".join(failure.split()), False)
     if heartbeat is not None:
-        os.set_blocking(status_fd, False)   # a beat is dropped rather than wait
         core.call_every(heartbeat, _beat, status_fd)
     try:
         loop.run()

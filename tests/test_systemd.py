@@ -315,6 +315,45 @@ def test_watchdog_pings_come_from_the_loop(systemd, mpxd):
     assert m.wait() == 0
 
 
+def test_workers_ready_only_when_every_worker_reloaded(systemd, mpxd, tmp_path):
+    # The supervisor sent READY=1 right after passing HUP on: a slow reload
+    # looked done at once, a refused one looked like success, and a HUP
+    # during start-up sent READY=1 before anything listened.
+    script = tmp_path / "slow.py"
+    source = ("import time, os\n"
+              "time.sleep(float(os.environ.get('SLOW', '0')))\n"
+              "def handle_request(s):\n"
+              "    s.response = {answer!r}\n")
+    script.write_text(source.format(answer="one"))
+    m = mpxd(["--workers", "2", "--port", "0", "--host", "127.0.0.1", str(script)],
+             env={"NOTIFY_SOCKET": systemd.path, "SLOW": "1"})
+    time.sleep(0.3)
+    m.signal(signal.SIGHUP)                         # during start-up
+    ready = systemd.receive_until("READY")
+    assert ready[-1]["STATUS"].startswith("listening on 127.0.0.1:")
+    assert "RELOADING" not in str(ready)
+    port = m.wait_listening()
+
+    script.write_text(source.format(answer="two"))
+    m.signal(signal.SIGHUP)
+    assert systemd.receive()["RELOADING"] == "1"
+    hup = time.monotonic()
+    ready = systemd.receive()
+    assert ready["READY"] == "1" and ready["STATUS"] == "2 of 2 workers ready"
+    assert time.monotonic() - hup > 0.8             # each worker's import took 1 s
+    assert LineClient(("127.0.0.1", port)).ask("x") == "two"
+
+    script.write_text("def handle_request(s)\n")
+    m.signal(signal.SIGHUP)
+    assert systemd.receive()["RELOADING"] == "1"
+    ready = systemd.receive()
+    assert ready["READY"] == "1"
+    assert ready["STATUS"].startswith("reload failed: ") and "syntax error" in ready["STATUS"]
+    m.wait_for(r"reload failed in 2 workers, which still serve the previous version")
+    assert LineClient(("127.0.0.1", port)).ask("x") == "two"
+    assert m.stop() == 0
+
+
 def test_workers_withhold_watchdog_pings_while_a_worker_loop_is_blocked(
         systemd, mpxd, tmp_path):
     # The parent's loop never blocks; a worker's must count too, or a
