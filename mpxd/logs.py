@@ -294,6 +294,38 @@ class ReopenableFileHandler(LineBatching, logging.FileHandler):
             old.close()
 
 
+class QuietSysLogHandler(logging.handlers.SysLogHandler):
+    """``--syslog``: a syslog that does not answer costs one line on stderr, not a
+    traceback per log line; the first line that gets through again marks the gap."""
+
+    failing = ""            # why sending fails, from the first failure to the next success
+    _failed = False         # the last record sent failed
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failing:                # first the gap, if syslog answers again
+            self._failed = False
+            super().emit(logging.LogRecord(
+                "mpxd", logging.WARNING, __file__, 0, "log lines before this one may "
+                "be missing: sending them to syslog failed (%s)", (self.failing,), None))
+            if self._failed:
+                return                  # still refused: this line would be too
+            self.failing = ""
+        super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed = True
+        error = sys.exc_info()[1]
+        because = getattr(error, "strerror", None) or str(error)
+        if not self.failing:
+            try:
+                print(f"mpxd: cannot send log lines to syslog at {self.address}: "
+                      f"{because}; they are lost until it answers again",
+                      file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass
+        self.failing = because
+
+
 def point_stdio_at(fd: int) -> None:
     """Make descriptors 1 and 2 refer to the open file ``fd``."""
     for stdio in (1, 2):
@@ -368,7 +400,7 @@ def setup_logging(level: str = "info", log_file: str | None = None,
             print(f"mpxd: no syslog socket at {SYSLOG_SOCKET}; sending log lines "
                   f"over UDP to {SYSLOG_UDP[0]}:{SYSLOG_UDP[1]}, where nothing may "
                   f"be listening", file=stream or sys.stderr, flush=True)
-        syslog_handler = logging.handlers.SysLogHandler(
+        syslog_handler = QuietSysLogHandler(
             address=address, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
         syslog_handler.setFormatter(EncodableFormatter("mpxd[%(process)d]: %(message)s"))
         logger.addHandler(syslog_handler)

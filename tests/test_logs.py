@@ -447,3 +447,36 @@ def test_counts_in_log_lines_agree_with_their_number():
     assert logs.counted(0, "session") == "0 sessions"
     assert logs.counted(3, "process", "processes") == "3 processes"
     assert logs.counted(1, "process", "processes") == "1 process"
+
+
+def test_a_syslog_that_does_not_answer_is_said_once_not_per_line(monkeypatch, tmp_path,
+                                                                 capsys):
+    # logging's SysLogHandler printed a 30-line traceback on stderr for every
+    # log line while /dev/log refused them.
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    path = str(tmp_path / "devlog")
+    gone = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    gone.bind(path)
+    gone.close()                    # the file stays; nothing reads it: refused
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", path)
+    try:
+        setup_logging("info", syslog=True)
+        logger = logging.getLogger("mpxd")
+        for n in range(5):
+            logger.info("line %d", n)
+        err = capsys.readouterr().err
+        assert err.count("mpxd: cannot send log lines to syslog at") == 1
+        assert "they are lost until it answers again" in err
+        assert "Traceback" not in err
+        again = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        os.unlink(path)
+        again.bind(path)            # syslog is back
+        again.settimeout(5)
+        logger.info("back")
+        first = again.recv(4096)
+        assert b"log lines before this one may be missing: sending them to syslog " \
+               b"failed" in first
+        assert b"back" in again.recv(4096)
+        again.close()
+    finally:
+        setup_logging("info", stream=io.StringIO())
