@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from typing import Any, Callable
 
 __all__ = ["setup_logging", "reopen_log_files", "stderr_is_journal", "LEVELS",
@@ -361,6 +362,20 @@ def stderr_is_journal(stream=None) -> bool:
     return (st.st_dev, st.st_ino) == (int(device), int(inode))
 
 
+def _log_thread_error(args: threading.ExceptHookArgs) -> None:
+    """An exception that ended a thread the script started: into the log, as a handler's.
+
+    Python's own hook prints it on stderr, which under ``--log-file`` or
+    ``--syslog`` is not the log, and under ``--daemon`` is nowhere.
+    """
+    if args.exc_type is SystemExit:     # as Python's hook: a thread's way to end
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    log.error("thread %s of the script failed:\n%s", name, "".join(
+        traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)
+    ).rstrip())
+
+
 def setup_logging(level: str = "info", log_file: str | None = None,
                   syslog: bool = False, stream=None,
                   redirect_stdio: bool = False) -> list[ReopenableFileHandler]:
@@ -377,6 +392,7 @@ def setup_logging(level: str = "info", log_file: str | None = None,
         handler.close()
     logger.setLevel(level.upper())
     logger.propagate = False
+    threading.excepthook = _log_thread_error
     _PID[0] = os.getpid()
     plain = CachedTimeFormatter(PLAIN_FORMAT)
     reopenable: list[ReopenableFileHandler] = []

@@ -18,7 +18,7 @@ import socket
 
 import pytest
 
-from conftest import HANDLERS, LineClient
+from conftest import HANDLERS, LineClient, wait_until
 from mpxd import logs
 from mpxd.logs import (JournalFormatter, setup_logging, start_batching, stderr_is_journal,
                        stop_batching)
@@ -480,3 +480,27 @@ def test_a_syslog_that_does_not_answer_is_said_once_not_per_line(monkeypatch, tm
         again.close()
     finally:
         setup_logging("info", stream=io.StringIO())
+
+
+def test_a_script_threads_exception_goes_to_the_log(mpxd, tmp_path):
+    # Python's own hook printed it on stderr: not the --log-file, and under
+    # --daemon nowhere at all.
+    script = tmp_path / "poller.py"
+    script.write_text("import threading\n"
+                      "def poll():\n"
+                      "    raise RuntimeError('poller died')\n"
+                      "def on_start(server):\n"
+                      "    threading.Thread(target=poll, name='poller', daemon=True).start()\n"
+                      "def handle_request(s):\n"
+                      "    s.response = 'ok'\n")
+    log_file = tmp_path / "mpxd.log"
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", "--log-file", str(log_file),
+              str(script)])
+    assert wait_until(lambda: log_file.exists() and "poller died" in log_file.read_text(),
+                      timeout=10)
+    text = log_file.read_text()
+    assert re.search(r"ERROR thread poller of the script failed:\nTraceback .*"
+                     r"in poll\n.*\nRuntimeError: poller died", text, re.S), text
+    m.signal(signal.SIGTERM)
+    assert m.wait() == 0
+    assert "poller died" not in m.log()         # stderr
