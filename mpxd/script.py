@@ -237,10 +237,14 @@ def load_script(path: str, interruptible: bool = True) -> Handlers:
         raise ScriptError(f"{path}: cannot compile: {e} (not Python source?)") from None
 
     _warn_if_named_like_the_standard_library(path)
-    directory = os.path.dirname(path)
+    # The directory the file really is in, as "python SCRIPT" has it: a
+    # script symlinked from /etc/mpxd imports the helpers beside its target.
+    # Found anew on each load, so a HUP after a "current -> releases/v2"
+    # switch imports v2's helpers.
+    directory = os.path.dirname(os.path.realpath(path))
     if directory not in sys.path:
         sys.path.insert(0, directory)
-    with _helpers_imported_afresh(directory):
+    with _helpers_imported_afresh(path, directory):
         return _run_and_check(path, code, interruptible)
 
 
@@ -255,14 +259,14 @@ def _warn_if_named_like_the_standard_library(path: str) -> None:
 
 
 @contextlib.contextmanager
-def _helpers_imported_afresh(directory: str) -> Iterator[None]:
-    """Let the load import afresh what scripts from ``directory`` imported from it.
+def _helpers_imported_afresh(path: str, directory: str) -> Iterator[None]:
+    """Let the load import afresh what the script at ``path`` imported from beside it.
 
     So a HUP reload picks up an edited helper as a restart would, not only
     an edited script.  If the load fails, the helpers go back into
     ``sys.modules``: the version still serving keeps its own.
     """
-    taken = {name: sys.modules.pop(name) for name in _helpers.get(directory, ())
+    taken = {name: sys.modules.pop(name) for name in _helpers.get(path, ())
              if name in sys.modules}
     before = set(sys.modules)
     try:
@@ -272,11 +276,11 @@ def _helpers_imported_afresh(directory: str) -> Iterator[None]:
             sys.modules.pop(name, None)
         sys.modules.update(taken)
         raise
-    _helpers.setdefault(directory, set()).update(
+    _helpers.setdefault(path, set()).update(
         name for name in sys.modules.keys() - before if _lives_in(name, directory))
 
 
-# script directory -> the modules its scripts imported from that directory
+# script -> the modules it imported from its directory (whichever it was then)
 _helpers: dict[str, set[str]] = {}
 
 
@@ -354,7 +358,7 @@ def _natural_name(path: str) -> list[str]:
     # an installed package of that name earlier on the path.
     found = importlib.machinery.PathFinder.find_spec(stem)
     origin = getattr(found, "origin", None)
-    return [stem] if origin and os.path.abspath(origin) == path else []
+    return [stem] if origin and os.path.realpath(origin) == os.path.realpath(path) else []
 
 
 def _execute_and_collect(path: str, code: types.CodeType, module: types.ModuleType,

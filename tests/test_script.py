@@ -297,6 +297,46 @@ def test_a_failed_load_leaves_no_module_behind(write_script):
     assert stem not in sys.modules
 
 
+def test_a_symlinked_script_imports_the_helpers_beside_its_target(tmp_path):
+    # As "python SCRIPT" does.  The directory of the link was put on the
+    # path, and "import helper" failed with a hint to put helper.py beside
+    # the script, where it was.
+    helper, app = (f"mpxd_test_{kind}_{uuid.uuid4().hex}" for kind in ("helper", "app"))
+    (tmp_path / "real").mkdir()
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "real" / f"{helper}.py").write_text("X = 'helped'\n")
+    (tmp_path / "real" / f"{app}.py").write_text(
+        f"import {helper}, {app}\n"
+        "def handle_request(s):\n"
+        f"    s.response = {helper}.X + ' ' + str({app}.handle_request is handle_request)\n")
+    link = tmp_path / "etc" / f"{app}.py"
+    link.symlink_to(tmp_path / "real" / f"{app}.py")
+    loaded = load_script(str(link))
+    assert answer(loaded) == "helped True"      # and the script is one module
+    assert loaded.module.__file__ == str(link)  # as given, like Python's
+
+
+def test_a_hup_after_switching_a_release_symlink_loads_the_new_helpers(tmp_path):
+    # current -> releases/v1, then current -> releases/v2, then HUP.
+    helper = f"mpxd_test_helper_{uuid.uuid4().hex}"
+    for version in ("v1", "v2"):
+        release = tmp_path / "releases" / version
+        release.mkdir(parents=True)
+        (release / f"{helper}.py").write_text(f"VERSION = {version!r}\n")
+        (release / "app.py").write_text(f"import {helper}\n"
+                                        "def handle_request(s):\n"
+                                        f"    s.response = {helper}.VERSION\n")
+    current = tmp_path / "current"
+    current.symlink_to(tmp_path / "releases" / "v1")
+    first = load_script(str(current / "app.py"))
+    assert answer(first) == "v1"
+    current.unlink()
+    current.symlink_to(tmp_path / "releases" / "v2")
+    second = load_script(str(current / "app.py"))
+    assert answer(second) == "v2"
+    assert answer(first) == "v1"                # the old version keeps its own
+
+
 def test_a_helper_importing_the_script_gets_the_running_module_not_a_copy(tmp_path):
     # Its "import game" used to run game.py again as a second module, and the
     # helper saw that copy's globals: an empty player list, silently.
