@@ -3,7 +3,10 @@
 Try it with three terminals:
     mpxd --port 47110 handlers/chat.py
     nc localhost 47110        # type "/nick alice", then "hello"
-    nc localhost 47110        # sees "* alice joined"... and "<alice> hello"
+    nc localhost 47110        # sees "* guest1 is now alice", then "<alice> hello"
+
+Each newcomer is "guestN" (N: its session id) until it picks a name, and
+the others see "* guestN joined" when it connects.
 
 Commands: "/nick NAME" changes your name (announced to the others), "/who"
 lists who is here, "/quit" leaves.  Every other line is broadcast as
