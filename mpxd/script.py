@@ -14,6 +14,7 @@ cause in one line; the CLI prints it and exits 1.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import importlib.machinery
 import inspect
@@ -361,6 +362,27 @@ def _natural_name(path: str) -> list[str]:
     return [stem] if origin and os.path.realpath(origin) == os.path.realpath(path) else []
 
 
+HOOKS = ("handle_request", "handle_open", "handle_close", "on_start", "on_stop",
+         "on_reload")
+
+
+def _near_misses(module: types.ModuleType) -> dict[str, str]:
+    """Hooks the script lacks -> a function of its own named much like one.
+
+    ``handle_opne`` or ``on_startup`` would never be called, silently.
+    """
+    own = [name for name, value in vars(module).items()
+           if isinstance(value, types.FunctionType) and name not in HOOKS
+           and value.__module__ == module.__name__]
+    near = {}
+    for hook in HOOKS:
+        if not hasattr(module, hook):
+            match = difflib.get_close_matches(hook, own, n=1, cutoff=0.8)
+            if match:
+                near[hook] = match[0]
+    return near
+
+
 def _execute_and_collect(path: str, code: types.CodeType, module: types.ModuleType,
                          interruptible: bool) -> Handlers:
     """Run the module's code; collect and check its handlers, or raise ScriptError."""
@@ -374,9 +396,15 @@ def _execute_and_collect(path: str, code: types.CodeType, module: types.ModuleTy
             raise
         raise ScriptError(_describe_exception(path, e)) from None
 
+    near = _near_misses(module)
     handle_request = getattr(module, "handle_request", None)
     if handle_request is None:
-        raise ScriptError(f"{path}: does not define handle_request(s)")
+        hint = f" (it defines {near['handle_request']}: misspelled?)" \
+            if "handle_request" in near else ""
+        raise ScriptError(f"{path}: does not define handle_request(s){hint}")
+    for hook, name in near.items():
+        log.warning("%s defines %s but no %s: misspelled? mpxd calls only %s",
+                    path, name, hook, hook)
     if not callable(handle_request):
         raise ScriptError(f"{path}: handle_request is not callable "
                           f"(it is {_kind(handle_request)})")

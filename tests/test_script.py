@@ -662,3 +662,30 @@ def test_a_script_named_like_a_standard_module_is_warned_about(tmp_path):
     plain = subprocess.run([*MPXD, "--check", COUNTER], capture_output=True, text=True,
                            timeout=20, cwd=ROOT)
     assert plain.returncode == 0 and plain.stderr == ""
+
+
+@pytest.mark.parametrize("name, hook", [("handle_opne", "handle_open"),
+                                        ("on_startup", "on_start"),
+                                        ("on_stopped", "on_stop")])
+def test_a_hook_name_misspelled_is_warned_about(write_script, caplog, name, hook):
+    # It would never be called, without a word.
+    path = write_script(f"def {name}(x):\n    pass\n"
+                        "def handle_request(s):\n    s.response = 'ok'\n")
+    load_script(path)
+    assert f"defines {name} but no {hook}: misspelled? mpxd calls only {hook}" \
+        in caplog.text
+
+
+def test_no_warning_for_helpers_named_unlike_a_hook(write_script, caplog):
+    path = write_script("def handle_line(s):\n    pass\n"
+                        "def handle_connect(s):\n    pass\n"
+                        "from os.path import join as handle_opne\n"   # not its own
+                        "def handle_request(s):\n    s.response = 'ok'\n")
+    load_script(path)
+    assert "misspelled" not in caplog.text
+
+
+def test_handle_request_misspelled_says_so(write_script):
+    message = load_error(write_script("def handle_requests(s):\n    pass\n"))
+    assert message.endswith("does not define handle_request(s) (it defines "
+                            "handle_requests: misspelled?)")
