@@ -91,6 +91,10 @@ class ControlClient:
         except socket.timeout:
             raise Unreachable(f"no answer from {self.path} within "
                               f"{self.sock.gettimeout():g}s") from None
+        except (BrokenPipeError, ConnectionResetError):
+            # The daemon closes at once on a client of another user.
+            raise Unreachable(f"{self.path} closed the connection unanswered "
+                              f"(only the daemon's user and root may use it)") from None
         except OSError as e:
             raise Unreachable(f"lost the connection to {self.path}: "
                               f"{e.strerror or e}") from None
@@ -293,11 +297,13 @@ def _target_options(command: Callable) -> Callable:
     command = click.option("--timeout", type=click.FloatRange(0, min_open=True),
                            default=5.0, show_default=True, metavar="SECONDS",
                            help="How long to wait for the daemon's answer.")(command)
-    command = click.option("--pidfile", "-p", type=click.Path(dir_okay=False),
+    # readable=False: a file mpxctl may not read is said on use (exit 3), not
+    # as a usage error (2).
+    command = click.option("--pidfile", "-p", type=click.Path(dir_okay=False, readable=False),
                            envvar="MPXCTL_PIDFILE", metavar="PATH",
                            help="The daemon's --pidfile (reload, stop, status "
                                 "by signal and lock).")(command)
-    command = click.option("--control", "-c", type=click.Path(dir_okay=False),
+    command = click.option("--control", "-c", type=click.Path(dir_okay=False, readable=False),
                            envvar="MPXCTL_CONTROL", metavar="PATH",
                            help="The daemon's --control socket.")(command)
     return command

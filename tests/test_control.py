@@ -271,6 +271,33 @@ def test_other_users_are_turned_away(served):
     d.wait_for(r"control: refused pid=\d+,uid=65534: only uid 0 and root may use it")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run mpxctl as another user")
+@pytest.mark.parametrize("mode", [0o600, 0o666])
+def test_mpxctl_as_another_user_is_told_why_with_exit_3(served, mode):
+    # 0600: click's readability check made it a usage error (exit 2);
+    # 0666: the daemon's refusal showed as "lost the connection: Broken pipe".
+    d, _load = served
+    os.chmod(d.control, mode)
+    public = tempfile.mkdtemp(prefix="mpxd-control-test-")
+    os.chmod(public, 0o755)
+    link = os.path.join(public, "control.sock")
+    os.link(d.control, link)
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", "import os, sys\n"
+             "import difflib, encodings.idna\n"
+             "from mpxd.mpxctl import main\n"      # the stdlib is root's to read here
+             "os.setgid(65534); os.setuid(65534)\n"
+             "main(['status', '-c', sys.argv[1]])\n", link],
+            capture_output=True, text=True, timeout=30, cwd=ROOT)
+    finally:
+        shutil.rmtree(public)
+    assert child.returncode == 3, child.stderr
+    assert "no permission to use" in child.stderr if mode == 0o600 else \
+        "closed the connection unanswered (only the daemon's user and root may use it)" \
+        in child.stderr, child.stderr
+
+
 # ----------------------------------------------------------------- mpxctl
 
 def test_mpxctl_status_shows_live_figures(served):
