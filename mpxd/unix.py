@@ -15,6 +15,7 @@ client's credentials from ``SO_PEERCRED``, a 3-tuple, printed in logs as
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import stat
@@ -24,6 +25,8 @@ from typing import NamedTuple
 from .listeners import ListenError
 
 __all__ = ["UnixPeer", "UnixListener", "bind_unix", "peer_credentials"]
+
+log = logging.getLogger("mpxd")
 
 _UCRED = struct.Struct("3i")          # struct ucred: pid, uid, gid
 MAX_PATH = 107                        # sizeof(sun_path) - 1 on Linux
@@ -73,8 +76,11 @@ class UnixListener:
         if (st.st_dev, st.st_ino) == self._identity:
             try:
                 os.unlink(self.path)
-            except OSError:
-                pass
+            except OSError as e:
+                # After --user, a root-owned directory (/run) keeps it: the
+                # next start takes the stale file over.
+                log.info("cannot remove socket file %s: %s; the next start replaces it",
+                         self.path, e.strerror)
 
 
 def bind_unix(path: str, mode: int, backlog: int) -> UnixListener:

@@ -263,3 +263,22 @@ def test_usr1_under_workers_makes_a_log_file_the_workers_can_write(shared_dir):
     finally:
         child.terminate()
         assert child.wait(timeout=20) == 0
+
+
+def test_a_socket_file_nobody_may_remove_is_said_at_exit(shared_dir):
+    # It stayed behind without a word; mpxctl then said "nobody listens".
+    control = os.path.join(shared_dir, "control.sock")     # a root-owned directory
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mpxd", "--port", "0", "--host", "127.0.0.1",
+         "--user", "nobody", "--control", control, os.path.join(shared_dir, "handler.py")],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        while "listening on" not in child.stderr.readline():
+            pass
+    finally:
+        child.terminate()
+    _, err = child.communicate(timeout=20)
+    assert child.returncode == 0
+    assert f"cannot remove socket file {control}: Permission denied; the next start " \
+           "replaces it" in err
+    assert os.path.exists(control)
