@@ -411,6 +411,8 @@ class Loop:
             except (OSError, KeyError, ValueError):
                 pass
         s._wbuf = None
+        if s._tls is not None and not s._abort:
+            s._tls.goodbye(fd)
         if close_now:
             # After EOF nothing unread can be left; an abort means to reset.
             _close_fd(fd)

@@ -44,7 +44,7 @@ class Session:
         "_started", "_last_input", "_idle_timeout", "_idle_timer", "_stall_timer",
         "_requests", "_bytes_in", "_bytes_out", "_jobs",
         # I/O edge bookkeeping
-        "_fd", "_sock", "_wbuf", "_woff", "_mask", "_write", "_throttled",
+        "_fd", "_tls", "_wbuf", "_woff", "_mask", "_write", "_throttled",
     )
 
     def __init__(self, core: Core, session_id: int, peer: Any,
@@ -78,7 +78,7 @@ class Session:
         self._bytes_out = 0
         self._jobs = 0                         # run_in_thread jobs not yet delivered
         self._fd = -1
-        self._sock: Any = None
+        self._tls: Any = None                  # its mpxd.tls.TLSChannel, over TLS
         self._wbuf: bytes | None = None
         self._woff = 0
         self._mask = 0

@@ -379,7 +379,7 @@ class TLSChannel:
     """
 
     __slots__ = ("sslobj", "incoming", "outgoing", "subject", "session", "inner",
-                 "unsent", "unsent_plain")
+                 "unsent", "unsent_plain", "notified")
 
     def __init__(self, sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO,
                  outgoing: ssl.MemoryBIO) -> None:
@@ -391,6 +391,7 @@ class TLSChannel:
         self.inner: Any = None
         self.unsent = b""
         self.unsent_plain = 0
+        self.notified = False           # close_notify sent
 
     def attach(self, s: Session) -> None:
         """Become ``s``'s framer and writer; hand on data that came with the handshake."""
@@ -398,6 +399,7 @@ class TLSChannel:
         self.inner = s._framer
         s._framer = self
         s._write = self.write
+        s._tls = self
         if self.incoming.pending and not s._closing:
             s._core.data_received(s, b"")
 
@@ -508,7 +510,23 @@ class TLSChannel:
         return len(chunk)
 
     def _close_notify(self) -> None:
+        self.notified = True
         try:
             self.sslobj.unwrap()
         except ssl.SSLError:
             pass                        # sent; the client's own close_notify is not awaited
+
+    def goodbye(self, fd: int) -> None:
+        """Send close_notify as the connection closes, unless the last write did.
+
+        A session closed with nothing left to write (idle timeout, EOF)
+        ended with a bare TCP close, which strict clients report as a
+        truncation attack (``UNEXPECTED_EOF_WHILE_READING``).
+        """
+        if self.notified:
+            return
+        self._close_notify()
+        try:
+            os.write(fd, self.outgoing.read())
+        except OSError:
+            pass                        # best effort: the connection closes anyway

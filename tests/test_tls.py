@@ -164,6 +164,26 @@ def test_tls_large_responses_arrive_whole(mpxd, certs, handler):  # noqa: F811
     assert d.stop() == 0
 
 
+@pytest.mark.parametrize("how", ["idle timeout", "client eof"])
+def test_tls_sessions_closed_with_nothing_to_write_end_with_close_notify(
+        mpxd, certs, handler, how):  # noqa: F811
+    # Only a close that wrote something sent close_notify; an idle timeout
+    # or an EOF ended in a bare TCP close, which strict clients report as
+    # a truncation (UNEXPECTED_EOF_WHILE_READING).
+    d = start(mpxd, certs, handler, "--idle-timeout", "0.5")
+    raw = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+    sock = client_context(certs).wrap_socket(raw, server_hostname="localhost",
+                                             suppress_ragged_eofs=False)
+    assert sock.recv(100) == b"hello None\n"
+    if how == "client eof":
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+    assert sock.recv(100) == b""                # not ssl.SSLEOFError
+    sock.close()
+    d.wait_for(r"session 1 127\.0\.0\.1:\d+ closed: " + ("timeout" if how == "idle timeout"
+                                                        else "eof"))
+    assert d.stop() == 0
+
+
 def test_tls_client_eof_gets_remaining_answers_then_close_notify(mpxd, certs, handler):  # noqa: F811
     d = start(mpxd, certs, handler)
     c = TLSClient(d.port, client_context(certs))
