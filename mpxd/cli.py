@@ -18,6 +18,7 @@ import threading
 from typing import Any, NoReturn
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 from .config import Config, water_marks
@@ -49,7 +50,29 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) ->
     return value or None if param.name == "idle_timeout" else value
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"],
+class _Command(click.Command):
+    """click's command, but a bad value from the environment is named as such.
+
+    click reports it under the option's name ("Invalid value for '--port'"),
+    and an operator whose /etc/mpxd/NAME.env holds MPXD_PORT=abc looks for
+    a --port nobody typed.
+    """
+
+    def make_context(self, info_name, args, parent=None, **extra):  # type: ignore[override]
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.BadParameter as e:
+            ctx, param = e.ctx, e.param
+            if ctx is not None and param is not None and param.name and \
+                    ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT:
+                name = param.envvar if isinstance(param.envvar, str) \
+                    else f"MPXD_{param.name.upper()}"
+                e.param_hint = f"{name} (from the environment)"
+            raise
+
+
+@click.command(cls=_Command,
+               context_settings={"help_option_names": ["-h", "--help"],
                                  "auto_envvar_prefix": "MPXD",
                                  "max_content_width": 100})
 @click.argument("script", type=click.Path(dir_okay=True, path_type=str))

@@ -575,6 +575,17 @@ def test_every_option_comes_from_mpxd_and_its_own_name():
             assert (param.envvar or f"MPXD_{param.name.upper()}") == want, long
 
 
+def test_a_bad_value_from_the_environment_is_named_as_such(monkeypatch):
+    # "Invalid value for '--port'" sent the operator looking for a --port
+    # that only their env file held.
+    monkeypatch.setenv("MPXD_PORT", "abc")
+    result = run_cli(COUNTER)
+    assert result.exit_code == 2
+    assert "Invalid value for MPXD_PORT (from the environment): 'abc'" in result.output
+    result = run_cli("--port", "abc", COUNTER)          # on the command line: as it was
+    assert "Invalid value for '--port' / '-p': 'abc'" in result.output
+
+
 def test_mpxd_host_from_the_environment(tmp_path):
     env = dict(os.environ, MPXD_HOST="127.0.0.1", MPXD_PORT="0")
     child = subprocess.Popen([*MPXD, COUNTER], stderr=subprocess.PIPE, text=True,
