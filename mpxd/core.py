@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import inspect
 import logging
 import os
 import threading
@@ -459,6 +460,17 @@ class Core:
 
     def _returned_instead(self, returned: Any, what: str) -> None:
         """A handler returned its answer instead of setting ``s.response``: say so once."""
+        if inspect.iscoroutine(returned):
+            # A plain def around an async one (the async def itself is
+            # refused at load): Python would add "never awaited", and no more.
+            returned.close()
+            if not self._said_returned:
+                self._said_returned = True
+                log.warning("%s returned a coroutine, which mpxd never runs: handlers "
+                            "are called directly, not awaited (write plain code; run "
+                            "blocking work with run_in_thread); said once per script "
+                            "version", what)
+            return
         if not self._said_returned:
             self._said_returned = True
             log.warning("%s returned %s and left s.response empty: mpxd sends "

@@ -729,6 +729,23 @@ def test_a_returned_true_beside_a_set_response_is_not_warned_about(harness, capl
     assert "returned" not in caplog.text
 
 
+def test_a_coroutine_returned_by_a_plain_wrapper_is_named_as_such(harness, caplog,
+                                                                 recwarn):
+    # A plain def around an async one got the generic warning and Python's
+    # "coroutine ... was never awaited", with no word that it is async.
+    h = harness("""
+async def real(s):
+    s.response = "never"
+
+def handle_request(s):
+    return real(s)
+""")
+    with caplog.at_level(logging.WARNING, logger="mpxd"):
+        assert h.connect().send(["a", "b"]) == []
+    assert caplog.text.count("handle_request returned a coroutine, which mpxd never runs") == 1
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
 def test_return_values_are_checked_for_the_first_requests_only(harness):
     # After CHECKED_REQUESTS the handler is called directly: no cost per request.
     h = harness(ECHO)
