@@ -308,7 +308,7 @@ class Supervisor:
         """Stop restarting; the caller forwards TERM; SIGKILL comes later."""
         log.info("%s", why)
         self.stopping = True
-        self.notifier.stopping()
+        self.notifier.stopping(why)
         self.timers.add(time.monotonic() + self.config.drain_timeout + KILL_GRACE,
                         self._kill_stragglers)
 

@@ -351,7 +351,10 @@ def test_workers_ready_only_when_every_worker_reloaded(systemd, mpxd, tmp_path):
     assert ready["STATUS"].startswith("reload failed: ") and "syntax error" in ready["STATUS"]
     m.wait_for(r"reload failed in 2 workers, which still serve the previous version")
     assert LineClient(("127.0.0.1", port)).ask("x") == "two"
-    assert m.stop() == 0
+    m.signal(signal.SIGTERM)
+    assert systemd.receive_until("STOPPING")[-1] == {
+        "STOPPING": "1", "STATUS": "shutting down: stopping 2 workers"}
+    assert m.wait() == 0
 
 
 def test_workers_withhold_watchdog_pings_while_a_worker_loop_is_blocked(
