@@ -47,7 +47,7 @@ class StartupError(Exception):
 def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
     if value is not None and not 0 <= value < math.inf:    # nan fails too
         raise click.BadParameter(f"must be 0 or more seconds, and finite (not {value})")
-    return value or None if param.name == "idle_timeout" else value
+    return value or None if param.name in ("idle_timeout", "send_timeout") else value
 
 
 class _Command(click.Command):
@@ -110,8 +110,12 @@ class _Command(click.Command):
 @click.option("--drain-timeout", type=float, default=10.0, show_default=True,
               metavar="SECONDS", callback=_seconds,
               help="On TERM/INT, how long queued output may take before sessions "
-                   "are closed anyway; and how long a closing session's client may "
-                   "read none of its last output before it is dropped.")
+                   "are closed anyway.")
+@click.option("--send-timeout", type=float, default=60.0, show_default=True,
+              metavar="SECONDS", callback=_seconds,
+              help="A session that closes (idle timeout, close_session, EOF, an "
+                   "error) writes its queued output first; a client that takes none "
+                   "of it for this long is dropped. 0: wait for ever.")
 @click.option("--threads", type=click.IntRange(1, 256), default=4, show_default=True,
               help="Worker threads for mpxd.run_in_thread.")
 @click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
@@ -142,7 +146,8 @@ class _Command(click.Command):
 @click.version_option(__version__, "--version", "-V", prog_name="mpxd")
 def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller: str,
          max_line: int, max_output: int, max_connections: int,
-         idle_timeout: float | None, keepalive: int, drain_timeout: float, threads: int,
+         idle_timeout: float | None, keepalive: int, drain_timeout: float,
+         send_timeout: float | None, threads: int,
          workers: int,
          pidfile: str | None, log_file: str | None, syslog: bool, log_level: str,
          session_log: bool,
@@ -190,7 +195,7 @@ def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller
         max_line=max_line, high_water=high_water, low_water=low_water,
         max_output=max_output, max_connections=max_connections,
         idle_timeout=idle_timeout, keepalive=keepalive, drain_timeout=drain_timeout,
-        threads=threads,
+        send_timeout=send_timeout, threads=threads,
         pidfile=os.path.abspath(pidfile) if pidfile else None,
         log_file=os.path.abspath(log_file) if log_file else None,
         log_level=log_level, session_log=session_log, syslog=syslog, daemon=daemonize,

@@ -40,6 +40,7 @@ class Config:
     idle_timeout: float | None = None
     keepalive: int = 300              # TCP keepalive idle seconds; 0: off
     drain_timeout: float = 10.0
+    send_timeout: float | None = 60.0  # a closing session's client taking nothing
     threads: int = 4
     pidfile: str | None = None
     log_file: str | None = None

@@ -45,6 +45,9 @@ ERROR_LINE_TOO_LONG = "ERROR line too long"
 # Requests of each script version whose return value is checked (a handler
 # that returns its answer instead of setting s.response is warned about).
 CHECKED_REQUESTS = 1000
+# Seconds between looks at a closing session whose client does not take its
+# last output (--send-timeout).
+STALL_CHECK = 1.0
 
 _current: Core | None = None
 
@@ -153,10 +156,10 @@ class Core:
         self._high_water = config.high_water
         self._low_water = config.low_water
         self._max_output = config.max_output
-        self._drain_timeout = config.drain_timeout
-        # The edge's output that the client has not read yet, for a session:
-        # the loop asks the kernel; the test kit's clients read at once.
-        self.edge_backlog: Callable[[Session], int] = lambda s: 0
+        self._send_timeout = config.send_timeout
+        # How many bytes of a session's output its client has taken: the
+        # loop asks the kernel; the test kit's clients take what they get.
+        self.edge_taken: Callable[[Session], int] = lambda s: s._bytes_out
         self._max_line = config.max_line
         self._idle_timeout = config.idle_timeout
         self._session_log = config.session_log
@@ -337,8 +340,8 @@ class Core:
         edge (the loop, the test harness) asks this rather than decide.
         """
         if s._closing:
-            if unsent and s._stall_timer is None:
-                self._watch_last_output(s, self._taken(s))
+            if unsent and s._stall_timer is None and self._send_timeout:
+                self._watch_last_output(s, self.edge_taken(s), self.now)
             return not unsent
         if s._paused and s._out_size <= self._low_water and not s._throttled:
             self.output_drained(s)
@@ -608,33 +611,34 @@ class Core:
             s._reason = reason
         self.dirty.append(s)
 
-    def _watch_last_output(self, s: Session, taken: int) -> None:
+    def _watch_last_output(self, s: Session, taken: int, since: float) -> None:
         """A closing session's output did not all go out: give up if the client stops reading.
 
         An idle timeout, ``close_session`` or an error closes a session once
         its queued output is written; a client that reads none of it would
-        keep the session, its descriptor and its output for ever.  After a
-        ``--drain-timeout`` in which the client took no byte, it is dropped.
+        keep the session, its descriptor and its output for ever.  Once the
+        client has taken no byte for ``--send-timeout`` seconds (``since``:
+        when it last did), it is dropped.  Looked at every STALL_CHECK
+        seconds: how much a client took shows only a TCP window at a time.
         """
-        s._stall_timer = self.timers.add(self.now + self._drain_timeout,
-                                         self._last_output_stalled, (s, taken))
+        s._stall_timer = self.timers.add(
+            self.now + min(self._send_timeout, STALL_CHECK),
+            self._last_output_stalled, (s, taken, since))
 
-    def _taken(self, s: Session) -> int:
-        """Bytes of ``s``'s output its client has read: written, less the kernel's queue."""
-        return s._bytes_out - self.edge_backlog(s)
-
-    def _last_output_stalled(self, s: Session, taken: int) -> None:
+    def _last_output_stalled(self, s: Session, taken: int, since: float) -> None:
         s._stall_timer = None
-        if s._finished:
+        if s._finished or s._abort:
             return
-        now_taken = self._taken(s)
+        now_taken = self.edge_taken(s)
         if now_taken != taken:              # it reads, however slowly: wait on
-            self._watch_last_output(s, now_taken)
+            taken, since = now_taken, self.now
+        elif self.now - since >= self._send_timeout:
+            log.warning("session %d %s: closing (%s), but the client took none of its "
+                        "last output for %gs; dropping it, with %d bytes unsent", s.id,
+                        format_peer(s.peer), s._reason, self._send_timeout, s._out_size)
+            self.abort(s, s._reason)
             return
-        log.warning("session %d %s: closing (%s), but the client read none of its "
-                    "last output for %gs; dropping %d bytes unsent", s.id,
-                    format_peer(s.peer), s._reason, self._drain_timeout, s._out_size)
-        self.abort(s, s._reason)
+        self._watch_last_output(s, taken, since)
 
     def abort(self, s: Session, reason: str) -> None:
         """Close ``s`` at once, dropping its queued output."""

@@ -314,8 +314,11 @@ class QuietSysLogHandler(logging.handlers.SysLogHandler):
         super().emit(record)
 
     def handleError(self, record: logging.LogRecord) -> None:
-        self._failed = True
         error = sys.exc_info()[1]
+        if not isinstance(error, OSError):  # a bad log call ("%d" % "x"): as logging says
+            super().handleError(record)
+            return
+        self._failed = True
         because = getattr(error, "strerror", None) or str(error)
         if not self.failing:
             try:

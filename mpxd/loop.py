@@ -149,7 +149,7 @@ class Loop:
         self._emfile_logged = False
         self._wakeup = wakeup or Wakeup()     # the CLI's routes signals from start-up on
         core.wake = self._wakeup.wake
-        core.edge_backlog = _unread
+        core.edge_taken = _taken
         # Edge features (mpxd.edge), empty unless TLS, unix sockets, access
         # rules, rate limits or --control are used: per-listener hooks that
         # take over accepted connections, callbacks for descriptors that are
@@ -647,12 +647,19 @@ def _read_rest(fd: int, data: bytes) -> bytes:
         return data
 
 
-def _unread(s: Session) -> int:
-    """Bytes written to ``s``'s socket that its client has not read (SIOCOUTQ)."""
+def _taken(s: Session) -> int:
+    """Bytes written to ``s``'s socket that its client has taken (its kernel has).
+
+    What was written (over TLS, the ciphertext), less what the kernel still
+    holds (SIOCOUTQ): on loopback a slow reader frees the socket's buffer
+    long before mpxd can write again.
+    """
+    written = s._tls.written if s._tls is not None else s._bytes_out
     try:
-        return struct.unpack("i", fcntl.ioctl(s._fd, termios.TIOCOUTQ, b"\0" * 4))[0]
+        return written - struct.unpack("i", fcntl.ioctl(s._fd, termios.TIOCOUTQ,
+                                                          b"\0" * 4))[0]
     except OSError:
-        return 0
+        return written
 
 
 def _close_fd(fd: int) -> None:

@@ -379,7 +379,7 @@ class TLSChannel:
     """
 
     __slots__ = ("sslobj", "incoming", "outgoing", "subject", "session", "inner",
-                 "unsent", "unsent_plain", "notified")
+                 "unsent", "unsent_plain", "notified", "written")
 
     def __init__(self, sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO,
                  outgoing: ssl.MemoryBIO) -> None:
@@ -392,6 +392,7 @@ class TLSChannel:
         self.unsent = b""
         self.unsent_plain = 0
         self.notified = False           # close_notify sent
+        self.written = 0                # ciphertext bytes handed to the socket
 
     def attach(self, s: Session) -> None:
         """Become ``s``'s framer and writer; hand on data that came with the handshake."""
@@ -471,7 +472,7 @@ class TLSChannel:
         data = self.outgoing.read()
         if not self.unsent:
             try:
-                data = data[os.write(self.session._fd, data):]
+                data = data[self._send(self.session._fd, data):]
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError:
@@ -483,7 +484,7 @@ class TLSChannel:
     def write(self, fd: int, data: Any) -> int:
         """``os.write`` for this session: encrypt and send; returns plaintext bytes done."""
         if self.unsent:
-            written = os.write(fd, self.unsent)      # BlockingIOError: the loop retries
+            written = self._send(fd, self.unsent)    # BlockingIOError: the loop retries
             self.unsent = self.unsent[written:]
             if self.unsent:
                 return 0
@@ -500,7 +501,7 @@ class TLSChannel:
             raise ConnectionAbortedError(errno.ECONNABORTED, f"TLS: {_reason(e)}") from None
         cipher = self.outgoing.read()
         try:
-            written = os.write(fd, cipher)
+            written = self._send(fd, cipher)
         except (BlockingIOError, InterruptedError):
             written = 0
         if written < len(cipher):
@@ -508,6 +509,11 @@ class TLSChannel:
             self.unsent_plain = len(chunk)
             return 0
         return len(chunk)
+
+    def _send(self, fd: int, cipher: Any) -> int:
+        written = os.write(fd, cipher)
+        self.written += written
+        return written
 
     def _close_notify(self) -> None:
         self.notified = True
@@ -526,7 +532,7 @@ class TLSChannel:
         if self.notified:
             return
         self._close_notify()
-        try:
-            os.write(fd, self.outgoing.read())
+        try:                            # behind any record still queued
+            self._send(fd, self.unsent + self.outgoing.read())
         except OSError:
             pass                        # best effort: the connection closes anyway

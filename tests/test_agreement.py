@@ -708,15 +708,15 @@ def test_a_closing_session_whose_client_reads_nothing_is_dropped(both, request_l
                                                                  options, reason):
     # An idle timeout or close_session waits for the queued output; a client
     # that never read kept its session (and its output) until it went away.
-    for side in both(STUCK, drain_timeout=1, **options):
+    for side in both(STUCK, send_timeout=1, **options):
         stuck = side.connect()
         stuck.stop_reading()
         stuck.send(request_line)
         side.idle(4)
         assert stuck.reason() == reason
         side.wait_for_log(rf"session \d+ 127\.0\.0\.1:{stuck.port}: closing \({reason}\), "
-                          rf"but the client read none of its last output for 1s; "
-                          rf"dropping \d+ bytes unsent")
+                          rf"but the client took none of its last output for 1s; "
+                          rf"dropping it, with \d+ bytes unsent")
         later = side.connect()
         later.send(b"hi\n")
         assert later.readline() == b"hi\n"

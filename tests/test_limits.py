@@ -562,7 +562,7 @@ def test_a_closing_sessions_slow_reader_is_waited_for_and_a_stopped_one_dropped(
             s.response = "x" * (16 * 1024 * 1024)
             close_session(s)
     """)
-    d = mpxd_run(script, "--drain-timeout", "1.5")
+    d = mpxd_run(script, "--send-timeout", "1.5")
     slow = d.connect(rcvbuf=64 * 1024)
     slow.sendall(b"go\n")
     received = 0
@@ -572,9 +572,9 @@ def test_a_closing_sessions_slow_reader_is_waited_for_and_a_stopped_one_dropped(
         assert chunk, f"closed while the client read, after {received} bytes"
         received += len(chunk)
         time.sleep(0.2)
-    assert "read none" not in d.log()
-    d.wait_log(r"closing \(close_session\), but the client read none of its last "
-               r"output for 1.5s; dropping \d+ bytes unsent", timeout=5)
+    assert "took none" not in d.log()
+    d.wait_log(r"closing \(close_session\), but the client took none of its last "
+               r"output for 1.5s; dropping it, with \d+ bytes unsent", timeout=5)
     data, _how = read_until_closed(slow)
     assert received + len(data) < 16 * 1024 * 1024
     assert d.stop() == 0

@@ -1588,3 +1588,36 @@ def handle_request(s):
     c.send("big")
     assert c.closed and c.close_reason == "output overflow"
     assert h.module.results == [False]
+
+
+def test_send_timeout_0_waits_for_ever_for_a_closing_sessions_client(harness):
+    h = harness("""
+from mpxd import close_session
+
+def handle_request(s):
+    s.response = "x" * 100
+    close_session(s)
+""", send_timeout=0, drain_timeout=0)       # --drain-timeout 0 is no stall limit either
+    c = h.connect()
+    c.pause_reading()
+    c.send("bye")
+    h.advance(10_000)
+    assert not c.closed
+    assert c.resume_reading() == ["x" * 100] and c.closed
+
+
+def test_a_stalled_closing_session_is_dropped_send_timeout_after_its_last_progress(harness):
+    h = harness("""
+from mpxd import close_session
+
+def handle_request(s):
+    s.response = "x" * 100
+    close_session(s)
+""", send_timeout=5)
+    c = h.connect()
+    c.pause_reading()
+    c.send("bye")
+    h.advance(4.5)
+    assert not c.closed
+    h.advance(1)
+    assert c.closed and c.close_reason == "close_session"

@@ -52,7 +52,7 @@ DAEMON_ONLY = {"script", "port", "hosts", "poller", "backlog", "max_connections"
                "tls_cert", "tls_key", "tls_ca", "tls_handshake_timeout", "unix",
                "unix_mode", "allow", "deny", "max_per_ip", "max_rate", "control"}
 # What is left is what the core reads: eol, max_line, max_output, high_water,
-# low_water, idle_timeout, drain_timeout, threads.
+# low_water, idle_timeout, drain_timeout, send_timeout, threads.
 OPTIONS = {f.name for f in fields(Config)} - DAEMON_ONLY
 
 
@@ -96,7 +96,7 @@ def make_config(script: str, **options: Any) -> Config:
         raise TypeError(f"not a harness option: {', '.join(unknown)}; {why}"
                         f"options are {', '.join(sorted(OPTIONS))}")
     for name in ("max_line", "max_output", "threads", "idle_timeout", "drain_timeout",
-                 *_WATER_MARKS):
+                 "send_timeout", *_WATER_MARKS):
         if options.get(name) is not None:
             options[name] = _as_on_the_command_line(name, options[name])
     if "eol" in options:
@@ -107,8 +107,9 @@ def make_config(script: str, **options: Any) -> Config:
         high_water, low_water = water_marks(options["max_output"])   # as the CLI does
         options["high_water"] = high_water
         options.setdefault("low_water", low_water)
-    if options.get("idle_timeout") == 0:
-        options["idle_timeout"] = None          # as --idle-timeout 0: never
+    for name in ("idle_timeout", "send_timeout"):
+        if options.get(name) == 0:
+            options[name] = None                # as --idle-timeout 0: never
     return Config(script=script, **options)
 
 
@@ -268,7 +269,7 @@ class Harness:
     broken script raises ``mpxd.script.ScriptError`` with the daemon's
     message).  ``options`` are the command-line options the core reads,
     named as keywords: ``eol`` (``"lf"``/``"crlf"``), ``max_line``,
-    ``max_output``, ``idle_timeout`` (``0``: off), ``drain_timeout``,
+    ``max_output``, ``idle_timeout`` (``0``: off), ``drain_timeout``, ``send_timeout``,
     ``threads``, and ``high_water``/``low_water`` to set the backpressure
     marks directly.  Options of the process or its sockets (``port``,
     ``max_connections``, ``tls_cert``, ``max_rate``, ...) raise ``TypeError``:
