@@ -243,8 +243,6 @@ def load_script(path: str, interruptible: bool = True) -> Handlers:
     # Found anew on each load, so a HUP after a "current -> releases/v2"
     # switch imports v2's helpers.
     directory = os.path.dirname(os.path.realpath(path))
-    if directory not in sys.path:
-        sys.path.insert(0, directory)
     with _helpers_imported_afresh(path, directory):
         return _run_and_check(path, code, interruptible)
 
@@ -267,8 +265,21 @@ def _helpers_imported_afresh(path: str, directory: str) -> Iterator[None]:
     an edited script.  If the load fails, the helpers go back into
     ``sys.modules``: the version still serving keeps its own.
     """
-    taken = {name: sys.modules.pop(name) for name in _helpers.get(path, ())
-             if name in sys.modules}
+    # On the path, first, instead of the directory an earlier load of this
+    # script put there (a rollback from releases/v2 to v1 must import v1's
+    # helpers, not v2's).  A directory that was on the path already stays
+    # where it was.
+    path_before, inserted_before = list(sys.path), _inserted.get(path)
+    if inserted_before not in (None, directory) and inserted_before in sys.path:
+        sys.path.remove(inserted_before)
+        del _inserted[path]
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+        _inserted[path] = directory
+    # Keyed by both: the script's helpers wherever they were, and the
+    # directory's, which another script there (a second harness) imported.
+    known = _helpers.get(path, set()) | _helpers.get(directory, set())
+    taken = {name: sys.modules.pop(name) for name in known if name in sys.modules}
     before = set(sys.modules)
     try:
         yield
@@ -276,13 +287,21 @@ def _helpers_imported_afresh(path: str, directory: str) -> Iterator[None]:
         for name in taken:
             sys.modules.pop(name, None)
         sys.modules.update(taken)
+        sys.path[:] = path_before       # the version still serving imports as before
+        if inserted_before is None:
+            _inserted.pop(path, None)
+        else:
+            _inserted[path] = inserted_before
         raise
-    _helpers.setdefault(path, set()).update(
-        name for name in sys.modules.keys() - before if _lives_in(name, directory))
+    new = {name for name in sys.modules.keys() - before if _lives_in(name, directory)}
+    _helpers.setdefault(path, set()).update(new)
+    _helpers.setdefault(directory, set()).update(new)
 
 
-# script -> the modules it imported from its directory (whichever it was then)
+# script, and script directory -> the modules imported from beside it
 _helpers: dict[str, set[str]] = {}
+# script -> the directory its load put on sys.path
+_inserted: dict[str, str] = {}
 
 
 def _lives_in(name: str, directory: str) -> bool:

@@ -504,3 +504,20 @@ def test_a_script_threads_exception_goes_to_the_log(mpxd, tmp_path):
     m.signal(signal.SIGTERM)
     assert m.wait() == 0
     assert "poller died" not in m.log()         # stderr
+
+
+def test_a_bad_log_call_under_syslog_is_not_taken_for_a_syslog_outage(monkeypatch, capsys):
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", "/nonexistent/devlog")
+    monkeypatch.setattr(logs, "SYSLOG_UDP", receiver.getsockname())
+    try:
+        setup_logging("info", syslog=True)
+        logging.getLogger("mpxd.script").warning("%d", "x")     # the script's own bug
+        err = capsys.readouterr().err
+        assert "--- Logging error ---" in err                   # logging's own report
+        assert "cannot send log lines to syslog" not in err
+    finally:
+        receiver.close()
+        setup_logging("info", stream=io.StringIO())

@@ -335,6 +335,9 @@ def test_a_hup_after_switching_a_release_symlink_loads_the_new_helpers(tmp_path)
     second = load_script(str(current / "app.py"))
     assert answer(second) == "v2"
     assert answer(first) == "v1"                # the old version keeps its own
+    current.unlink()
+    current.symlink_to(tmp_path / "releases" / "v1")   # and a rollback
+    assert answer(load_script(str(current / "app.py"))) == "v1"
 
 
 def test_a_helper_importing_the_script_gets_the_running_module_not_a_copy(tmp_path):
