@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -1561,6 +1562,104 @@ def test_mpxd_server_fails_the_test_when_the_daemon_does_not_stop_cleanly(author
     pid = int((author_project / "server.pid").read_text())
     with pytest.raises(ProcessLookupError):     # the failure did not leave it running
         os.kill(pid, 0)
+
+
+DIES = """
+import os
+
+def handle_request(s):
+    os._exit(3)
+"""
+
+
+def test_mpxd_server_fails_the_test_when_the_daemon_dies_during_it(author_project):
+    (author_project / "handlers" / "dies.py").write_text(textwrap.dedent(DIES))
+    (author_project / "test_counter.py").write_text(textwrap.dedent("""
+        import time
+
+        def test_dies(mpxd_server):
+            server = mpxd_server("handlers/dies.py")
+            with server.client() as c:
+                c.send_line("x")
+                time.sleep(0.5)
+
+        def test_stopped_by_the_test_is_fine(mpxd_server):
+            mpxd_server("handlers/counter.py").stop()
+    """))
+    result = run_pytest_in(author_project)
+    assert "2 passed, 1 error" in result.stdout, result.stdout + result.stderr
+    assert "exited by itself during the test with status 3" in result.stdout
+
+
+def test_a_harness_that_fails_to_close_does_not_keep_the_others_open(author_project):
+    (author_project / "handlers" / "spin.py").write_text(textwrap.dedent("""
+        from mpxd import call_later
+
+        def spin():
+            call_later(0, spin)
+
+        def handle_request(s):
+            spin()
+    """))
+    (author_project / "handlers" / "stopper.py").write_text(textwrap.dedent("""
+        def handle_request(s):
+            pass
+
+        def on_stop(server):
+            open("on_stop_ran", "w").close()
+    """))
+    (author_project / "test_counter.py").write_text(textwrap.dedent("""
+        import pytest
+
+        def test_two(mpxd_harness):
+            spinning = mpxd_harness("handlers/spin.py")
+            mpxd_harness("handlers/stopper.py")
+            with pytest.raises(RuntimeError, match="still busy"):
+                spinning.connect().send("go")
+    """))
+    result = run_pytest_in(author_project)
+    assert "closing the harness failed" in result.stdout, result.stdout
+    assert (author_project / "on_stop_ran").exists()
+
+
+def test_mpxd_server_leaves_out_the_shells_mpxd_variables(mpxd_server, monkeypatch):
+    # An exported MPXD_DAEMON=1 detached the server out of the fixture's
+    # reach; MPXD_IDLE_TIMEOUT changed what the test tested.
+    monkeypatch.setenv("MPXD_DAEMON", "1")
+    monkeypatch.setenv("MPXD_IDLE_TIMEOUT", "0.1")
+    server = mpxd_server(COUNTER)
+    with server.client() as c:
+        time.sleep(0.4)
+        assert c.ask("2") == "2"                # no idle timeout
+    with pytest.raises(TypeError, match="MPXD_DAEMON would detach it"):
+        mpxd_server(COUNTER, env={"MPXD_DAEMON": "1"})
+
+
+def test_mpxd_server_takes_false_flags_and_repeated_options(mpxd_server):
+    server = mpxd_server(COUNTER, session_log=False, allow=["10.0.0.0/8", "127.0.0.1"])
+    with server.client() as c:
+        assert c.ask("2") == "2"                # 127.0.0.1 is allowed
+    assert server.stop() == 0
+    assert "closed:" not in server.log          # --no-session-log
+
+
+def test_harness_lines_read_as_a_line_client_reads_them(harness):
+    # "b\r\n" inside a response is the line "b" for LineClient and for mpxd's
+    # own input rules; the harness gave "b\r".
+    h = harness("""
+def handle_request(s):
+    s.response = "a\\nb\\r\\nc"
+""", eol="LF")                                  # any case, as on the command line
+    c = h.connect()
+    assert c.send("x") == ["a", "b", "c"]
+    assert c.output == b"a\nb\r\nc\n"
+
+
+@pytest.mark.parametrize("data", [{"k": 1}, {"a", "b"}, (line for line in ["a"])])
+def test_send_takes_a_list_of_lines_not_any_iterable(harness, data):
+    c = harness(ECHO).connect()
+    with pytest.raises(TypeError, match="send takes a str"):
+        c.send(data)
 
 
 def test_a_failing_on_start_raises_as_the_daemon_refuses_to_start(tmp_path):

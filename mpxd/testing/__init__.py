@@ -7,8 +7,10 @@
             c = h.connect()
             assert c.send("2") == ["2"]
 
-With pytest, the ``mpxd_harness`` and ``mpxd_server`` fixtures (plugin
-``mpxd.testing.plugin``, registered on install) make and clean up both.
+With pytest, the ``mpxd_harness`` and ``mpxd_server`` fixtures (module
+``mpxd.testing.plugin``, registered on install as the plugin ``mpxd``: use
+``-p no:mpxd`` to turn it off, not ``-p mpxd.testing.plugin``) make and
+clean up both.
 """
 
 from .harness import Client, Harness, make_config

@@ -100,6 +100,8 @@ def make_config(script: str, **options: Any) -> Config:
         if options.get(name) is not None:
             options[name] = _as_on_the_command_line(name, options[name])
     if "eol" in options:
+        if isinstance(options["eol"], str) and options["eol"].lower() in EOLS:
+            options["eol"] = options["eol"].lower()     # as click's Choice takes it
         if options["eol"] not in EOLS:
             raise ValueError(f"eol must be 'lf' or 'crlf', not {options['eol']!r}")
         options["eol"] = EOLS[options["eol"]]
@@ -184,14 +186,12 @@ class Client:
             data = (data if data.endswith("\n") else data + "\n").encode(
                 "utf-8", "surrogateescape")
         elif not isinstance(data, (bytes, bytearray, memoryview)):
-            try:
-                lines = list(data)
-            except TypeError:                   # not iterable: refused just below
-                lines = [data]
-            if not all(isinstance(line, str) for line in lines):
+            # A list, not any iterable: a dict sent its keys, a set in no order.
+            if not isinstance(data, (list, tuple)) or \
+                    not all(isinstance(line, str) for line in data):
                 raise TypeError(f"send takes a str (a line), a list of str (lines) "
                                 f"or bytes (sent as they are), not {data!r}")
-            data = "".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape")
+            data = "".join(line + "\n" for line in data).encode("utf-8", "surrogateescape")
         self._check_open("send")
         if data:
             self._inbound.append(bytes(data))
@@ -249,8 +249,12 @@ class Client:
     def _deliver(self, data: bytes) -> None:
         """The edge wrote ``data`` (always whole lines) to this client."""
         self.output += data
-        lines = data.decode("utf-8", "surrogateescape").split(self.harness.config.eol)
+        eol = self.harness.config.eol
+        lines = data.decode("utf-8", "surrogateescape").split(eol)
         lines.pop()                     # the empty string after the last end-of-line
+        if eol == "\n":                 # a CR before the LF is not data, for mpxd's
+            lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+            # input as for LineClient: "b\r\n" inside a response reads as "b"
         self._unreturned.extend(range(len(self._lines), len(self._lines) + len(lines)))
         self._lines.extend(lines)
 
@@ -491,16 +495,18 @@ class Harness:
         if self._closed:
             return
         core = self.core
-        core.shutdown()
-        self._settle()
-        if core.sessions_by_id:
-            self.advance(self.config.drain_timeout)
-            for s in list(core.sessions_by_id.values()):
-                core.abort(s, "shutdown")
+        try:
+            core.shutdown()
             self._settle()
-        self._closed = True
-        core.stop()
-        self._release_current()
+            if core.sessions_by_id:
+                self.advance(self.config.drain_timeout)
+                for s in list(core.sessions_by_id.values()):
+                    core.abort(s, "shutdown")
+                self._settle()
+        finally:                # on_stop runs even if the script's timers never settle
+            self._closed = True
+            core.stop()
+            self._release_current()
 
     def _release_current(self) -> None:
         """Leave no stopped core behind for ``mpxd.call_later`` & co to find."""

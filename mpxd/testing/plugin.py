@@ -36,8 +36,14 @@ def mpxd_harness() -> Iterator[Callable[..., Harness]]:
         return harness
 
     yield make
-    for harness in made:
-        harness.close()
+    problems = []
+    for harness in made:            # every one, even after one failed to close
+        try:
+            harness.close()
+        except Exception as e:  # noqa: BLE001 - reported below, with the others
+            problems.append(f"{harness.config.script}: {type(e).__name__}: {e}")
+    if problems:
+        pytest.fail("closing the harness failed:\n" + "\n".join(problems), pytrace=False)
 
 
 @pytest.fixture
@@ -49,7 +55,9 @@ def mpxd_server() -> Iterator[Callable[..., Server]]:
     listens on 127.0.0.1 on a free port: ``server.address``, ``server.port``,
     ``server.client()`` (a ``LineClient``), ``server.log``.  After the test
     every server still running is stopped with SIGTERM; one that then does
-    not exit with status 0 (or not within 10 s) fails the test's teardown.
+    not exit with status 0 (or not within 10 s) fails the test's teardown,
+    and so does one that exited by itself during the test with another
+    status than 0 (a crash, ``os._exit(3)`` in a handler).
     """
     started: list[Server] = []
 
@@ -62,6 +70,7 @@ def mpxd_server() -> Iterator[Callable[..., Server]]:
     problems = []
     for server in started:          # every one, even after a failure
         running = server.returncode is None and server.process.poll() is None
+        stopped_by_test = server.returncode is not None    # server.stop() in the test
         try:
             status = server.stop()
         except ServerError as e:
@@ -70,5 +79,8 @@ def mpxd_server() -> Iterator[Callable[..., Server]]:
         if running and status != 0:
             problems.append(f"mpxd (pid {server.pid}) exited with status {status} "
                             f"on SIGTERM, not 0; its log:\n{server.log}")
+        elif not running and not stopped_by_test and status != 0:
+            problems.append(f"mpxd (pid {server.pid}) exited by itself during the test "
+                            f"with status {status}; its log:\n{server.log}")
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)

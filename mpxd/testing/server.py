@@ -26,6 +26,8 @@ __all__ = ["Server", "LineClient", "cli_args", "ServerError"]
 # 127.0.0.1, or 0.0.0.0 when a test listens on every address (it covers 127.0.0.1)
 LISTENING = re.compile(r"listening on (?:127\.0\.0\.1|0\.0\.0\.0):(\d+)")
 EOL_NAMES = {"\n": "lf", "\r\n": "crlf", "lf": "lf", "crlf": "crlf"}
+# Flags that have a --no- form: False asks for it (the rest: False is absent).
+NEGATABLE = {"session_log"}
 
 
 class ServerError(Exception):
@@ -35,9 +37,12 @@ class ServerError(Exception):
 def cli_args(**options: Any) -> list[str]:
     """Command-line arguments from keyword options: ``idle_timeout=5`` -> ``--idle-timeout 5``.
 
-    ``True`` gives a bare flag, ``False``/``None`` nothing; ``eol`` may be
-    ``"\\r\\n"`` as well as ``"crlf"``, so the same options work for
-    ``Harness`` and ``Server``.
+    ``True`` gives a bare flag, ``None`` nothing, ``False`` the flag's
+    ``--no-`` form where it has one (``session_log=False``:
+    ``--no-session-log``); a list or tuple repeats the option
+    (``allow=["10.0.0.0/8", "127.0.0.1"]``).  ``eol`` may be ``"\\r\\n"``
+    as well as ``"crlf"``, so the same options work for ``Harness`` and
+    ``Server``.
     """
     args: list[str] = []
     for name, value in options.items():
@@ -46,7 +51,13 @@ def cli_args(**options: Any) -> list[str]:
             value = EOL_NAMES.get(value, value)
         if value is True:
             args.append(flag)
-        elif value is not None and value is not False:
+        elif value is False:
+            if name in NEGATABLE:
+                args.append("--no-" + name.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                args += [flag, str(item)]
+        elif value is not None:
             args += [flag, str(value)]
     return args
 
@@ -82,8 +93,16 @@ class Server:
                             "it can be stopped; --daemon would detach it out of reach")
         command = [sys.executable, "-m", "mpxd", "--port", "0", "--host", "127.0.0.1",
                    *extra, os.path.abspath(script)]
-        environment = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Not the MPXD_ variables of the shell that runs the tests: an exported
+        # MPXD_DAEMON=1 detached the server out of the fixture's reach, and
+        # MPXD_WORKERS or MPXD_IDLE_TIMEOUT changed what the test tested.
+        environment = {name: value for name, value in os.environ.items()
+                       if not name.startswith("MPXD_")}
+        environment["PYTHONUNBUFFERED"] = "1"
         environment.update(env or {})
+        if _truthy(environment.get("MPXD_DAEMON")):
+            raise TypeError("daemon: the test server runs in the foreground, so that "
+                            "it can be stopped; MPXD_DAEMON would detach it out of reach")
         notify = None
         if not env or "NOTIFY_SOCKET" not in env:
             notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -196,6 +215,11 @@ class Server:
         if not self._reader.is_alive() and self.process.stderr is not None:
             self.process.stderr.close()
         return self.returncode
+
+
+def _truthy(value: str | None) -> bool:
+    """Whether click reads an environment flag as set."""
+    return value is not None and value.strip().lower() in ("1", "true", "t", "yes", "y", "on")
 
 
 def _option_value(args: list[str], option: str) -> str | None:
