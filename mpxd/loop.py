@@ -48,6 +48,7 @@ IN = select.POLLIN
 OUT = select.POLLOUT
 ERR_HUP = select.POLLERR | select.POLLHUP
 READABLE = IN | ERR_HUP
+PARKED = 1 << 30            # a session's _mask while out of the poll set (_park)
 # 64 KiB, not asyncio's 256 KiB: glibc serves allocations above 128 KiB with
 # mmap/munmap, and recv() allocates its full size before shrinking, which made
 # every read ten times dearer (measured: 11.7 us against 1.3 us per recv).
@@ -247,8 +248,10 @@ class Loop:
                             write_out()
                     elif data is not None:
                         core.eof_received(s)
-                if mask & OUT or (mask & ERR_HUP and not s._mask & IN):
-                    dirty.append(s)
+                if mask & OUT or (mask & ERR_HUP and s._mask & OUT):
+                    dirty.append(s)         # the write meets the error, if any
+                elif mask & ERR_HUP and not s._mask & IN:
+                    self._park(s)
             if deadline is not None and deadline <= core.now:
                 core.run_timers()
             if ready:
@@ -380,8 +383,29 @@ class Loop:
         if buf is not None:
             want |= OUT
         if want != s._mask:
+            if s._mask != PARKED:
+                self.poller.modify(s._fd, want)
+            elif want:
+                self.poller.register(s._fd, want)   # back from _park
+            else:
+                return                      # nothing to wait for yet: stay parked
             s._mask = want
-            self.poller.modify(s._fd, want)
+
+    def _park(self, s: Session) -> None:
+        """Stop polling a session that reads nothing and has nothing to write, whose peer hung up.
+
+        Poll reports a hangup (POLLHUP, POLLERR) whatever the mask, so a
+        session held back by ``--max-rate`` or paused for backpressure whose
+        client had gone made every poll return at once: 100% CPU until its
+        held lines were all handled.  It leaves the poll set until it wants
+        to read or write again (``_flush`` registers it then), and meets its
+        peer's state there.
+        """
+        try:
+            self.poller.unregister(s._fd)
+        except (OSError, KeyError, ValueError):
+            pass
+        s._mask = PARKED
 
     # -------------------------------------------------------------- close
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 
@@ -302,4 +303,33 @@ def test_max_rate_reads_slowly_and_drops_nothing(mpxd, handler):  # noqa: F811
     # A lower bound only: a slow machine can only make this take longer.
     assert elapsed >= 0.8
     d.wait_for(r"closed: eof, [\d.]+s, 40 requests")
+    assert d.stop() == 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_held_back_session_whose_client_left_costs_no_cpu(mpxd, tmp_path):  # noqa: F811
+    # Poll reports a hangup whatever the mask: a session held back by
+    # --max-rate whose unix client had closed (or whose TCP client reset)
+    # made every poll return at once, 100% CPU until its lines were handed out.
+    script = tmp_path / "quiet.py"
+    script.write_text("handled = 0\n"
+                      "def handle_request(s):\n"
+                      "    global handled\n"
+                      "    handled += 1\n"
+                      "    s.response = str(handled) if s.request == 'count' else ''\n")
+    path = str(tmp_path / "q.sock")
+    d = mpxd(["--unix", path, "--max-rate", "20", str(script)])
+    assert wait_until(lambda: os.path.exists(path), timeout=10)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(path)
+        sock.sendall(b"fire and forget\n" * 60)     # 3 s of lines at 20 a second
+    before = _cpu_seconds(d.pid)
+    time.sleep(1.5)
+    assert _cpu_seconds(d.pid) - before < 0.5       # spinning took all 1.5 s
+    d.wait_for(r"closed: \w+, [\d.]+s, 60 requests", timeout=10)   # none dropped
     assert d.stop() == 0
