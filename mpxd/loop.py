@@ -248,10 +248,13 @@ class Loop:
                             write_out()
                     elif data is not None:
                         core.eof_received(s)
-                if mask & OUT or (mask & ERR_HUP and s._mask & OUT):
-                    dirty.append(s)         # the write meets the error, if any
-                elif mask & ERR_HUP and not s._mask & IN:
-                    self._park(s)
+                if mask & OUT:
+                    dirty.append(s)
+                elif mask & ERR_HUP:        # rare: the peer hung up or failed
+                    if s._mask & OUT:
+                        dirty.append(s)     # the write meets the error
+                    elif not s._mask & IN:
+                        self._park(s)
             if deadline is not None and deadline <= core.now:
                 core.run_timers()
             if ready:
