@@ -271,7 +271,7 @@ class ThrottledFramer:
 
     def feed(self, data: bytes) -> list[str]:
         """Lines in ``data`` (and held ones) that the budget allows now."""
-        lines = self.inner.feed(data) if data else []
+        lines = self.inner.feed(data)   # b"" too: TLS may hold decrypted input
         if self.stash:
             lines = self.stash + lines
             self.stash = []

@@ -317,4 +317,6 @@ class Admission:
             self.rate.apply(s)          # outermost: its timer feeds held lines back in
         if self.tally is not None:
             self.tally.add(s)
+        if channel is not None:
+            channel.start()             # through the rate, too
         return s

@@ -48,6 +48,7 @@ OUT = 0x004                     # select.POLLOUT / EPOLLOUT
 READ_SIZE = 64 * 1024           # ciphertext per os.read during the handshake
 RECORD_SIZE = 16 * 1024         # plaintext per SSLObject.read: one TLS record at most
 WRITE_CHUNK = 64 * 1024         # plaintext encrypted per write call
+EOF_RETRY = 0.05                # a close_notify waits this long behind --max-rate's lines
 EXPIRY_WARNING = datetime.timedelta(days=14)    # renewals (certbot's at 30) have failed
 EXPIRY_CHECK_INTERVAL = 24 * 3600.0             # a daemon runs for months: look daily
 
@@ -395,12 +396,20 @@ class TLSChannel:
         self.written = 0                # ciphertext bytes handed to the socket
 
     def attach(self, s: Session) -> None:
-        """Become ``s``'s framer and writer; hand on data that came with the handshake."""
+        """Become ``s``'s framer and writer (then ``start``, once the rest is set up)."""
         self.session = s
         self.inner = s._framer
         s._framer = self
         s._write = self.write
         s._tls = self
+
+    def start(self) -> None:
+        """Hand on the data that came with the handshake's last message.
+
+        After the session's other wrappers (``--max-rate``) are in place:
+        lines a client sent along with its Finished went past the rate.
+        """
+        s = self.session
         if self.incoming.pending and not s._closing:
             s._core.data_received(s, b"")
 
@@ -459,6 +468,11 @@ class TLSChannel:
 
     def _deliver_eof(self) -> None:
         s = self.session
+        if s._throttled and not s._closing and not s._finished:
+            # Lines --max-rate holds back come first, at their rate: a plain
+            # client's EOF waits in the socket meanwhile, as mpxd reads none.
+            s._core.call_later(EOF_RETRY, self._deliver_eof)
+            return
         if not s._eof and not s._closing and not s._finished:
             s._core.eof_received(s)
 

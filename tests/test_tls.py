@@ -500,3 +500,69 @@ def test_subject_string_escapes_as_rfc4514():
     assert subject_string(cert) == r"CN=\ lead,O=A\, B\+C,C=US"
     assert subject_string({}) is None
     assert subject_string(None) is None
+
+
+class BundlingClient:
+    """A TLS client on memory BIOs: what it sends goes out when it says so, in one piece."""
+
+    def __init__(self, port: int, context: ssl.SSLContext) -> None:
+        self.raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.raw.sendall(self.outgoing.read())
+                self.incoming.write(self.raw.recv(65536))
+        # The client's Finished is still in self.outgoing: sent with what follows.
+
+    def send(self, data: bytes, close_notify: bool = False) -> None:
+        self.tls.write(data)
+        if close_notify:
+            try:
+                self.tls.unwrap()
+            except ssl.SSLWantReadError:
+                pass
+        self.raw.sendall(self.outgoing.read())
+
+    def lines_with_times(self, count: int) -> list[float]:
+        """When each of the next ``count`` lines arrived, after this call."""
+        began, seen, text = time.monotonic(), [], b""
+        while len(seen) < count:
+            data = self.raw.recv(65536)
+            assert data, f"closed after {len(seen)} lines"
+            self.incoming.write(data)
+            while True:
+                try:
+                    chunk = self.tls.read(65536)
+                except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                    break
+                if not chunk:
+                    break
+                text += chunk
+                while b"\n" in text:
+                    _, _, text = text.partition(b"\n")
+                    seen.append(time.monotonic() - began)
+        return seen
+
+
+@pytest.mark.parametrize("how", ["with the handshake's Finished", "before a close_notify"])
+def test_max_rate_holds_tls_lines_back_too(mpxd, certs, handler, how):  # noqa: F811
+    # Lines sent along with the client's Finished went past --max-rate (they
+    # were framed before the rate was in place), and a close_notify after a
+    # burst handed out every held line at once.
+    d = start(mpxd, certs, handler, "--max-rate", "20")
+    c = BundlingClient(d.port, client_context(certs))
+    lines = b"".join(b"%d\n" % i for i in range(40))    # 20 at once, 20 over a second
+    if how == "with the handshake's Finished":
+        c.send(lines)
+    else:
+        c.send(b"")                                     # the Finished alone
+        c.send(lines, close_notify=True)
+    times = c.lines_with_times(41)                      # the greeting, then 40
+    assert times[-1] >= 0.7, times                      # not all at once
+    c.raw.close()
+    d.wait_for(r"closed: \w+, [\d.]+s, 40 requests")
+    assert d.stop() == 0
