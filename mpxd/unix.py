@@ -147,3 +147,7 @@ def _remove_stale(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+    except OSError as e:            # a root-owned leftover, mpxd run as another user
+        raise ListenError(f"cannot listen on {path}: a stale socket file is there and "
+                          f"cannot be removed ({e.strerror}); remove it, or choose "
+                          f"another path") from None

@@ -171,3 +171,20 @@ def test_unix_peer_prints_its_credentials():
     peer = UnixPeer(12, 1000, 100)
     assert peer == (12, 1000, 100) and peer.uid == 1000
     assert str(peer) == "unix:pid=12,uid=1000,gid=100"
+
+
+def test_a_stale_socket_file_that_cannot_be_removed_is_a_clear_error(tmp_path, monkeypatch):
+    # A root-owned leftover in a sticky /tmp, mpxd run as another user:
+    # PermissionError came out as a traceback.
+    path = str(tmp_path / "stale.sock")
+    crashed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    crashed.bind(path)
+    crashed.close()
+
+    def refuse(target):
+        raise PermissionError(1, "Operation not permitted", target)
+    monkeypatch.setattr("mpxd.unix.os.unlink", refuse)
+    with pytest.raises(ListenError, match=r"cannot listen on .*stale.sock: a stale socket "
+                                          r"file is there and cannot be removed \(Operation "
+                                          r"not permitted\); remove it, or choose another"):
+        bind_unix(path, 0o660, 16)
