@@ -157,7 +157,7 @@ class Loop:
         # not sessions (TLS handshakes, the control channel), HUP extras.
         self.admission: dict[int, Callable[[int, Any], None]] = {}
         self.watchers: dict[int, Callable[[int], None]] = {}
-        self.reload_hooks: list[Callable[[], None]] = []
+        self.reload_hooks: list[Callable[[], str | None]] = []   # each: why it failed
         # Told how each HUP reload ended (None: it worked): a --workers
         # worker tells its supervisor, which tells systemd.
         self.reload_done: Callable[[str | None], None] | None = None
@@ -546,19 +546,26 @@ class Loop:
             return "not reloading: the daemon is shutting down"
         log.info("reloading %s", path)
         self.notifier.reloading()
-        for hook in self.reload_hooks:      # TLS certificates
-            hook()
+        # The TLS certificate files (each hook logs its own failure).
+        refused = [problem for hook in self.reload_hooks if (problem := hook())]
         try:
             handlers = load_script(path, interruptible=False)
         except ScriptError as e:
-            failure = str(e)
+            failure: str | None = str(e)
         else:
-            if self.core.reload(handlers):
-                log.info("reloaded %s", path)
-                self.notifier.ready(self._status_text())
-                return None
-            failure = "on_reload raised (its traceback is in the log)"
-        log.error("reload failed, still serving the previous version: %s", failure)
+            failure = None if self.core.reload(handlers) else \
+                "on_reload raised (its traceback is in the log)"
+        if failure is None:
+            log.info("reloaded %s", path)
+        else:
+            log.error("reload failed, still serving the previous version: %s", failure)
+        problems = refused + ([failure] if failure else [])
+        if not problems:
+            self.notifier.ready(self._status_text())
+            return None
+        # mpxctl reload and systemd hear of a certificate refused even when
+        # the script reloaded: a renewal hook must see that it failed.
+        failure = "; ".join(problems)
         self.notifier.ready(f"reload failed: {failure}; {self._status_text()}")
         return failure
 

@@ -221,16 +221,20 @@ class TLSServer:
         self.handshakes = 0             # completed
         self.failures = 0               # failed or timed out
 
-    def reload(self) -> None:
-        """Load the certificate files again (HUP); keep the old ones on failure."""
+    def reload(self) -> str | None:
+        """Load the certificate files again (HUP); keep the old ones on failure.
+
+        Returns why they were refused, or None.
+        """
         try:
             self.context = make_context(self.cert, self.key, self.ca)
         except TLSSetupError as e:
             log.error("TLS reload failed, still using the previous certificate: %s", e)
-            return
+            return f"TLS certificate refused, the previous one still serves: {e}"
         log.info("reloaded TLS certificate %s", self.cert)
         if self.warns_of_expiry:
             self.check_expiry()
+        return None
 
     def check_expiry(self) -> None:
         """Warn if the certificate in use has expired or soon will (at start, HUP, daily)."""

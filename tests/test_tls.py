@@ -305,8 +305,9 @@ def test_hup_reloads_certificates_and_keeps_old_on_error(mpxd, certs, handler, t
     cert, key = tmp_path / "live.pem", tmp_path / "live.key"
     shutil.copy(certs / "server.pem", cert)
     shutil.copy(certs / "server.key", key)
+    control = str(tmp_path / "ctl")
     d = mpxd(["--port", "0", "--host", "127.0.0.1", "--tls-cert", str(cert),
-              "--tls-key", str(key), handler])
+              "--tls-key", str(key), "--control", control, handler])
     d.wait_listening()
 
     def organisation() -> str:
@@ -332,6 +333,12 @@ def test_hup_reloads_certificates_and_keeps_old_on_error(mpxd, certs, handler, t
     d.wait_for(r"ERROR TLS reload failed, still using the previous certificate: ",
                since=offset)
     assert organisation() == "second"
+    # mpxctl reload (and systemd's status) say so, though the script reloaded:
+    # a certificate renewal hook must see that the new one was refused.
+    reload = subprocess.run([sys.executable, "-m", "mpxd.mpxctl", "reload", "-c", control],
+                            capture_output=True, text=True, timeout=30)
+    assert reload.returncode == 1, reload.stderr
+    assert "TLS certificate refused, the previous one still serves" in reload.stderr
     before.close()
     assert d.stop() == 0
 
