@@ -188,7 +188,7 @@ class RefusalLog:
         self._reasons[reason] += 1
         self._hosts[host] += 1
 
-    def _summary(self) -> None:
+    def _summary(self, final: bool = False) -> None:
         count = sum(self._reasons.values())
         if not count:
             self._timer = None          # a quiet period: the burst is over
@@ -196,12 +196,18 @@ class RefusalLog:
         reasons = ", ".join(f"{n} {reason}" for reason, n in self._reasons.most_common())
         hosts = ", ".join(f"{host} ({n})" for host, n in self._hosts.most_common(3))
         more = len(self._hosts) - 3
-        log.info("refused %d more connections in the last %gs: %s; from %s%s",
-                 count, SUMMARY_INTERVAL, reasons, hosts,
-                 f" and {more} other addresses" if more > 0 else "")
+        log.info("refused %d more connections %s: %s; from %s%s", count,
+                 "before the daemon stopped" if final else f"in the last {SUMMARY_INTERVAL:g}s",
+                 reasons, hosts, f" and {more} other addresses" if more > 0 else "")
         self._reasons.clear()
         self._hosts.clear()
-        self._timer = self.core.call_later(SUMMARY_INTERVAL, self._summary)
+        self._timer = None if final else self.core.call_later(SUMMARY_INTERVAL, self._summary)
+
+    def close(self) -> None:
+        """At exit: the refusals since the last summary, whose timer will not come."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._summary(final=True)
 
 
 class Gate:

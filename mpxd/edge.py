@@ -263,6 +263,9 @@ class Edge:
 
     def close(self) -> None:
         """Close the control channel; remove socket files that are still ours."""
+        if self.refusals is not None:
+            self.refusals.close()
+            self.refusals = None
         if self.control is not None:
             self.control.close()
             self.control = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 import socket
 import time
 
@@ -116,6 +117,10 @@ def test_address_limit_counts_open_connections_only():
 
 # ------------------------------------------------------------ fake core
 
+class FakeTimer(list):
+    cancel: Any
+
+
 class FakeCore:
     """What RateLimit and RefusalLog use of the core, with a clock the test moves."""
 
@@ -126,7 +131,8 @@ class FakeCore:
         self.handled: list[str] = []
 
     def call_later(self, delay, fn, *args):
-        timer = [self.now + delay, fn, args]
+        timer = FakeTimer([self.now + delay, fn, args])
+        timer.cancel = lambda: self.timers.remove(timer) if timer in self.timers else None
         self.timers.append(timer)
         return timer
 
@@ -200,6 +206,20 @@ def test_refusals_are_logged_once_per_burst_with_counts(caplog):
         "are summarised every 1s)",
     ]
     assert sum(refusals.total.values()) == 8
+
+
+def test_refusals_not_yet_summarised_are_logged_at_exit(caplog):
+    # The last second's refusals waited for a summary timer that never ran.
+    core = FakeCore()
+    refusals = RefusalLog(core)
+    with caplog.at_level(logging.INFO, logger="mpxd"):
+        for _ in range(25):
+            refusals.refused("127.0.0.1", "denied by --allow/--deny")
+        refusals.close()
+    assert caplog.records[-1].getMessage() == (
+        "refused 24 more connections before the daemon stopped: 24 denied by "
+        "--allow/--deny; from 127.0.0.1 (24)")
+    assert core.timers == []
 
 
 # ------------------------------------------------------------ the daemon
