@@ -89,11 +89,13 @@ class AccessRules:
                 return allowed
         return self.default
 
-    def mistakes(self, listening: Iterable[tuple[str, str]]) -> list[str]:
+    def mistakes(self, listening: Iterable[tuple[str, str, bool]]) -> list[str]:
         """Rules that cannot mean what they say, for warnings at start-up.
 
-        ``listening``: ``(host, shown)`` for each TCP socket, the bound
-        address and how logs show the socket.  Reported: an ``--allow``
+        ``listening``: ``(host, shown, dual)`` for each TCP socket, the bound
+        address, how logs show the socket, and whether it is an IPv6 socket
+        that IPv4 clients reach too (``[::]`` without IPV6_V6ONLY, as
+        systemd passes one by default).  Reported: an ``--allow``
         that the same network's ``--deny`` always overrules; a loopback
         socket whose own address is refused (only local clients reach it:
         ``--allow 10.0.0.0/8`` with the default ``--host``); a socket whose
@@ -105,13 +107,14 @@ class AccessRules:
             if allowed and network in denied:
                 found.append(f"--allow {network} has no effect: --deny {network}, "
                              "the same network, wins the tie")
-        for host, shown in listening:
+        for host, shown, dual in listening:
             address = _address(host)
             if address.is_loopback and not self.allows(host):
                 found.append(f"listening on {shown}, where only clients on this machine "
                              f"connect, but --allow/--deny refuse {address}: "
                              "none of them can connect")
-            elif not address.is_loopback and self._refuses_all(address.version, denied):
+            elif not address.is_loopback and self._refuses_all(address.version, denied) \
+                    and not (dual and not self._refuses_all(4, denied)):
                 found.append(f"--allow/--deny refuse every IPv{address.version} "
                              f"client: nobody can connect to {shown}")
         return found

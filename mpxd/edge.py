@@ -234,7 +234,7 @@ class Edge:
             if rules is not None:
                 log.debug("access rules, in the order tried: %s",
                           "; ".join(rules.describe()))
-                tcp = [(sock.getsockname()[0], describe(sock))
+                tcp = [(sock.getsockname()[0], describe(sock), _dual_stack(sock))
                        for sock in loop.listeners.values() if sock.family != socket.AF_UNIX]
                 for mistake in rules.mistakes(tcp) if warn else ():
                     log.warning("%s", mistake)
@@ -275,6 +275,16 @@ class Edge:
         for listener in self.unix:
             listener.remove()
         self.unix = []
+
+
+def _dual_stack(sock: socket.socket) -> bool:
+    """Whether IPv4 clients reach this IPv6 socket too (IPV6_V6ONLY off)."""
+    if sock.family != socket.AF_INET6:
+        return False
+    try:
+        return not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    except OSError:
+        return False
 
 
 class Admission:

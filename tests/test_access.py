@@ -84,11 +84,18 @@ def test_rules_describe_the_order_they_are_tried_in():
     ((), ("10.0.0.0/8",), ["127.0.0.1", "::1", "0.0.0.0", "::"], []),
     (("127.0.0.1", "::1"), (), ["127.0.0.1", "::1"], []),
     (("10.1.2.3",), ("0.0.0.0/0",), ["0.0.0.0"], []),
+    # A [::] socket that IPv4 clients reach too (systemd's default): they
+    # are matched as IPv4, so refusing every IPv6 client is not everybody.
+    (("127.0.0.1",), (), ["::dual"], []),
+    (("10.0.0.0/8",), ("::/0",), ["::dual"], []),
+    ((), ("::/0", "0.0.0.0/0"), ["::dual"],
+     ["--allow/--deny refuse every IPv6 client: nobody can connect to S::dual"]),
     (("10.0.0.0/8",), ("10.0.0.0/9", "10.128.0.0/9"), ["0.0.0.0"], []),  # see _refuses_all
 ])
 def test_rules_that_cannot_mean_what_they_say_are_named(allow, deny, listening, expected):
     rules = AccessRules(allow, deny)
-    assert rules.mistakes([(host, "S" + host) for host in listening]) == expected
+    assert rules.mistakes([(host.removesuffix("dual"), "S" + host, host.endswith("dual"))
+                           for host in listening]) == expected
 
 
 def test_bad_networks_are_rejected():
