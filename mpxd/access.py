@@ -70,10 +70,26 @@ class AccessRules:
     def __init__(self, allow: Iterable[str | Network] = (),
                  deny: Iterable[str | Network] = ()) -> None:
         rules: list[tuple[Network, bool]] = []
+        self._typos: list[str] = []     # for mistakes(): rules that cannot be meant
         for allowed, texts in ((True, allow), (False, deny)):
+            option = "--allow" if allowed else "--deny"
             for text in texts:
                 network = text if not isinstance(text, str) else parse_network(text)
                 rules.append((network, allowed))
+                if isinstance(text, str) and "/" in text and \
+                        ipaddress.ip_address(text.strip().split("/")[0]) \
+                        != network.network_address:
+                    self._typos.append(
+                        f"{option} {text.strip()} is taken as {network}: the address has "
+                        f"host bits set (write {network} for the network, or "
+                        f"{text.strip().split('/')[0]} alone for the one host)")
+                mapped = network.network_address.ipv4_mapped \
+                    if network.version == 6 else None
+                if mapped is not None and network.prefixlen >= 96:
+                    self._typos.append(
+                        f"{option} {network} never matches: a client that an IPv6 socket "
+                        f"shows as IPv4-mapped is matched as IPv4 (write "
+                        f"{mapped}/{network.prefixlen - 96})")
         # Longest prefix first; at equal length deny (False) sorts before allow.
         rules.sort(key=lambda rule: (-rule[0].prefixlen, rule[1]))
         self.rules = rules
@@ -101,7 +117,7 @@ class AccessRules:
         ``--allow 10.0.0.0/8`` with the default ``--host``); a socket whose
         whole address family is refused.
         """
-        found = []
+        found = list(self._typos)
         denied = {network for network, allowed in self.rules if not allowed}
         for network, allowed in self.rules:
             if allowed and network in denied:

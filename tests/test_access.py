@@ -98,6 +98,20 @@ def test_rules_that_cannot_mean_what_they_say_are_named(allow, deny, listening, 
                            for host in listening]) == expected
 
 
+def test_rules_that_cannot_be_meant_are_named():
+    # Accepted silently: a host address with a prefix was widened to its
+    # whole network, and an IPv4-mapped rule could never match.
+    rules = AccessRules(["192.168.1.5/16", "::ffff:127.0.0.1", "10.0.0.0/8"],
+                        ["::ffff:10.1.0.0/112"])
+    assert rules.mistakes([]) == [
+        "--allow 192.168.1.5/16 is taken as 192.168.0.0/16: the address has host bits "
+        "set (write 192.168.0.0/16 for the network, or 192.168.1.5 alone for the one host)",
+        "--allow ::ffff:7f00:1/128 never matches: a client that an IPv6 socket shows as "
+        "IPv4-mapped is matched as IPv4 (write 127.0.0.1/32)",
+        "--deny ::ffff:a01:0/112 never matches: a client that an IPv6 socket shows as "
+        "IPv4-mapped is matched as IPv4 (write 10.1.0.0/16)"]
+
+
 def test_bad_networks_are_rejected():
     for text in ("10.0.0.0/33", "localhost", "1.2.3"):
         with pytest.raises(ValueError, match="not an IPv4 or IPv6"):
