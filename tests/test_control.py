@@ -244,29 +244,36 @@ def test_an_overlong_control_line_is_logged_as_the_control_channels(served):
     assert ask(d.control, "stats")[0][0].startswith("pid ")   # the channel still serves
 
 
+def _as_nobody(control: str, code: str) -> subprocess.CompletedProcess:
+    """Run Python ``code`` (which drops to uid 65534) on ``control``, passed as argv[1].
+
+    pytest's directory is private to root: the socket is reached by a hard
+    link in a directory that user 65534 can enter.
+    """
+    public = tempfile.mkdtemp(prefix="mpxd-control-test-")
+    os.chmod(public, 0o755)
+    link = os.path.join(public, "control.sock")
+    os.link(control, link)
+    try:
+        return subprocess.run([sys.executable, "-c", code, link], capture_output=True,
+                              text=True, timeout=30, cwd=ROOT)
+    finally:
+        shutil.rmtree(public)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
 def test_other_users_are_turned_away(served):
     d, _load = served
     os.chmod(d.control, 0o666)            # only the SO_PEERCRED check is left
-    # pytest's directory is private to root: reach the socket by a hard link
-    # in a directory that user 65534 can enter.
-    public = tempfile.mkdtemp(prefix="mpxd-control-test-")
-    os.chmod(public, 0o755)
-    link = os.path.join(public, "control.sock")
-    os.link(d.control, link)
-    try:
-        child = subprocess.run(
-            [sys.executable, "-c",
-             "import os, socket, sys\n"
-             "os.setgid(65534); os.setuid(65534)\n"
-             "s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])\n"
-             "try:\n"
-             "    s.sendall(b'stats\\n'); print(repr(s.recv(100)))\n"
-             "except (ConnectionResetError, BrokenPipeError):\n"   # closed before we sent
-             "    print('reset')\n", link],
-            capture_output=True, text=True, timeout=30)
-    finally:
-        shutil.rmtree(public)
+    child = _as_nobody(d.control,
+                       "import os, socket, sys\n"
+                       "os.setgid(65534); os.setuid(65534)\n"
+                       "s = socket.socket(socket.AF_UNIX); s.settimeout(5)\n"
+                       "s.connect(sys.argv[1])\n"
+                       "try:\n"
+                       "    s.sendall(b'stats\\n'); print(repr(s.recv(100)))\n"
+                       "except (ConnectionResetError, BrokenPipeError):\n"  # closed before
+                       "    print('reset')\n")
     assert child.stdout.strip() in ("b''", "reset"), child.stderr   # closed unanswered
     d.wait_for(r"control: refused pid=\d+,uid=65534: only uid 0 and root may use it")
 
@@ -278,20 +285,12 @@ def test_mpxctl_as_another_user_is_told_why_with_exit_3(served, mode):
     # 0666: the daemon's refusal showed as "lost the connection: Broken pipe".
     d, _load = served
     os.chmod(d.control, mode)
-    public = tempfile.mkdtemp(prefix="mpxd-control-test-")
-    os.chmod(public, 0o755)
-    link = os.path.join(public, "control.sock")
-    os.link(d.control, link)
-    try:
-        child = subprocess.run(
-            [sys.executable, "-c", "import os, sys\n"
-             "import difflib, encodings.idna\n"
-             "from mpxd.mpxctl import main\n"      # the stdlib is root's to read here
-             "os.setgid(65534); os.setuid(65534)\n"
-             "main(['status', '-c', sys.argv[1]])\n", link],
-            capture_output=True, text=True, timeout=30, cwd=ROOT)
-    finally:
-        shutil.rmtree(public)
+    child = _as_nobody(d.control,
+                       "import os, sys\n"
+                       "import difflib, encodings.idna\n"
+                       "from mpxd.mpxctl import main\n"   # the stdlib is root's to read
+                       "os.setgid(65534); os.setuid(65534)\n"
+                       "main(['status', '-c', sys.argv[1]])\n")
     assert child.returncode == 3, child.stderr
     assert "no permission to use" in child.stderr if mode == 0o600 else \
         "closed the connection unanswered (only the daemon's user and root may use it)" \

@@ -1689,33 +1689,35 @@ def handle_request(s):
     assert h.module.results == [False]
 
 
-def test_send_timeout_0_waits_for_ever_for_a_closing_sessions_client(harness):
-    h = harness("""
+GOODBYE = """
 from mpxd import close_session
 
 def handle_request(s):
     s.response = "x" * 100
     close_session(s)
-""", send_timeout=0, drain_timeout=0)       # --drain-timeout 0 is no stall limit either
+"""
+
+
+def _closing_unread(h):
+    """A client that does not read, whose session closes with output queued."""
     c = h.connect()
     c.pause_reading()
     c.send("bye")
+    return c
+
+
+def test_send_timeout_0_waits_for_ever_for_a_closing_sessions_client(harness):
+    # --drain-timeout 0 is no stall limit either
+    h = harness(GOODBYE, send_timeout=0, drain_timeout=0)
+    c = _closing_unread(h)
     h.advance(10_000)
     assert not c.closed
     assert c.resume_reading() == ["x" * 100] and c.closed
 
 
 def test_a_stalled_closing_session_is_dropped_send_timeout_after_its_last_progress(harness):
-    h = harness("""
-from mpxd import close_session
-
-def handle_request(s):
-    s.response = "x" * 100
-    close_session(s)
-""", send_timeout=5)
-    c = h.connect()
-    c.pause_reading()
-    c.send("bye")
+    h = harness(GOODBYE, send_timeout=5)
+    c = _closing_unread(h)
     h.advance(4.5)
     assert not c.closed
     h.advance(1)
