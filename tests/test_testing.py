@@ -1689,7 +1689,7 @@ def handle_request(s):
     assert h.module.results == [False]
 
 
-GOODBYE = """
+CLOSES_WITH_OUTPUT = """
 from mpxd import close_session
 
 def handle_request(s):
@@ -1708,7 +1708,7 @@ def _closing_unread(h):
 
 def test_send_timeout_0_waits_for_ever_for_a_closing_sessions_client(harness):
     # --drain-timeout 0 is no stall limit either
-    h = harness(GOODBYE, send_timeout=0, drain_timeout=0)
+    h = harness(CLOSES_WITH_OUTPUT, send_timeout=0, drain_timeout=0)
     c = _closing_unread(h)
     h.advance(10_000)
     assert not c.closed
@@ -1716,7 +1716,7 @@ def test_send_timeout_0_waits_for_ever_for_a_closing_sessions_client(harness):
 
 
 def test_a_stalled_closing_session_is_dropped_send_timeout_after_its_last_progress(harness):
-    h = harness(GOODBYE, send_timeout=5)
+    h = harness(CLOSES_WITH_OUTPUT, send_timeout=5)
     c = _closing_unread(h)
     h.advance(4.5)
     assert not c.closed
