@@ -145,10 +145,15 @@ def edge_settings(options: dict[str, Any]) -> dict[str, Any]:
 
     if any(not path for path in options.get("unix", ())):
         raise click.UsageError("--unix needs a path")
-    # One socket per file: a path given twice is listened on once.
-    unix = tuple(dict.fromkeys(os.path.abspath(p) for p in options.get("unix", ())))
+    # One socket per file: a path given twice is listened on once, also
+    # through a symlinked directory (which said "another process is
+    # listening there": mpxd itself).
+    by_file: dict[str, str] = {}
+    for path in options.get("unix", ()):
+        by_file.setdefault(os.path.realpath(path), os.path.abspath(path))
+    unix = tuple(by_file.values())
     control = absolute(options.get("control"))
-    if control in unix:
+    if control is not None and os.path.realpath(control) in by_file:
         raise click.UsageError(f"--control {control} is also a --unix path; give the "
                                f"control socket a path of its own")
     return dict(

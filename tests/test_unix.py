@@ -145,7 +145,10 @@ def test_bad_unix_arguments(tmp_path, handler):
 
 def test_a_path_given_twice_is_listened_on_once(mpxd, handler, tmp_path):  # noqa: F811
     path = str(tmp_path / "twice.sock")
-    d = mpxd(["--unix", path, "--unix", os.path.relpath(path, ROOT), handler])
+    os.symlink(tmp_path, tmp_path.parent / (tmp_path.name + "-link"))
+    through_link = str(tmp_path.parent / (tmp_path.name + "-link") / "twice.sock")
+    d = mpxd(["--unix", path, "--unix", os.path.relpath(path, ROOT), "--unix", through_link,
+              handler])
     d.wait_for(f"listening on {path}")
     c = UnixClient(path)
     assert c.readline().startswith("peer ")
