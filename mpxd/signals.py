@@ -70,6 +70,8 @@ def signal_handlers_kept(path: str, when: str) -> Iterator[None]:
                 and os.getpid() == pid:
             for signum in changed:
                 signal.signal(signum, before[signum])
+            for wakeup in _installed:   # a TERM that came meanwhile went to the script's
+                wakeup.reclaim(changed)
             names = ", ".join(signal.Signals(signum).name for signum in changed)
             log.warning("%s set its own handler for %s %s; %s", path, names, when,
                         KEEP_YOURS_OUT)
@@ -237,6 +239,20 @@ class Wakeup:
         pending, self.pending = self.pending, []
         self._stops.clear()
         return pending
+
+    def reclaim(self, signums: list[int]) -> None:
+        """Record the signals of ``signums`` that reached another handler than ours.
+
+        Their numbers are in the wakeup socket (the C-level handler writes
+        them whichever Python handler runs) but not in ``pending``.
+        """
+        try:
+            came = self._reader.recv(4096, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError, OSError):
+            return
+        for signum in signums:
+            if signum in self._previous:
+                self.pending += [signum] * (came.count(signum) - self.pending.count(signum))
 
     def _take_back(self, signums: set[int]) -> None:
         """Signals that came to a handler the script set after start-up: take them back.

@@ -13,13 +13,14 @@ import re
 import select
 import signal
 import socket
+import subprocess
 import threading
 import time
 
 import pexpect
 import pytest
 
-from conftest import HANDLERS, wait_until
+from conftest import HANDLERS, MPXD, ROOT, wait_until
 from spawn import mpxd  # noqa: F401 - a fixture
 from mpxd.signals import StopDuringStartup, Wakeup
 
@@ -488,6 +489,24 @@ def test_nor_take_them_in_on_start_or_in_a_handler(daemon, tmp_path):
     d.expect_log(r"shutting down")
     d.expect_log(r"stopped")
     assert d.stop() == 0
+
+
+def test_a_stop_that_came_while_on_start_had_its_own_handler_still_stops(tmp_path):
+    # The script's handler took the TERM, then mpxd restored its own and
+    # had seen nothing: the stop was lost.
+    script = tmp_path / "late_term.py"
+    script.write_text("import os, signal, time\n"
+                      "def on_start(server):\n"
+                      "    signal.signal(signal.SIGTERM, lambda *a: print('mine'))\n"
+                      "    os.kill(os.getpid(), signal.SIGTERM)\n"
+                      "    time.sleep(0.1)\n"
+                      "def handle_request(s):\n"
+                      "    s.response = 'ok'\n")
+    result = subprocess.run([*MPXD, "--port", "0", "--host", "127.0.0.1", str(script)],
+                            capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "set its own handler for SIGTERM in on_start" in result.stderr
+    assert "SIGTERM during start-up: stopped before serving" in result.stderr
 
 
 def test_a_script_cannot_make_a_leaving_client_kill_the_daemon(daemon, tmp_path):
