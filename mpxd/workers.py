@@ -178,6 +178,7 @@ class Supervisor:
         self.watchdog_held = False      # a silent worker stopped the WATCHDOG=1 pings
         self.reloading: set[int] = set()    # workers whose HUP reload has not ended
         self.reload_failures: list[str] = []
+        self.hup_again = False          # a HUP came during a reload: one more after it
         self.unclean = False            # a worker exited badly during shutdown
 
     # ------------------------------------------------------------ running
@@ -260,6 +261,12 @@ class Supervisor:
                 log.info("HUP during start-up: passing it on to the workers")
                 self._forward(signum)
                 return
+            if self.reloading:
+                # One reload at a time: workers could merge two HUPs into one
+                # reload and answer once, and an answer to the first would
+                # end the second's wait.
+                self.hup_again = True
+                return
             log.info("reloading: passing HUP on to %d workers", self._alive())
             self.notifier.reloading()
             self.reloading = {w.number for w in self.workers if w.ready}
@@ -295,6 +302,9 @@ class Supervisor:
             log.info("every worker reloaded")
             self.notifier.ready(self._status_text())
         self.reload_failures = []
+        if self.hup_again:
+            self.hup_again = False
+            self._on_signal(signal.SIGHUP)
 
     def _forward(self, signum: int) -> None:
         for worker in self.workers:

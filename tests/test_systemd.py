@@ -343,6 +343,18 @@ def test_workers_ready_only_when_every_worker_reloaded(systemd, mpxd, tmp_path):
     assert time.monotonic() - hup > 0.8             # each worker's import took 1 s
     assert LineClient(("127.0.0.1", port)).ask("x") == "two"
 
+    # Two HUPs at once: the second reload begins once the first has ended
+    # (a worker may merge two HUPs into one reload, and answer once).
+    script.write_text(source.format(answer="three"))
+    m.signal(signal.SIGHUP)
+    assert systemd.receive()["RELOADING"] == "1"
+    m.signal(signal.SIGHUP)                         # while the first reload runs
+    first = systemd.receive_until("READY")
+    assert [message for message in first if "RELOADING" in message] == []
+    second = systemd.receive_until("READY")         # not merged into the first
+    assert second[0]["RELOADING"] == "1" and second[-1]["READY"] == "1"
+    assert LineClient(("127.0.0.1", port)).ask("x") == "three"
+
     script.write_text("def handle_request(s)\n")
     m.signal(signal.SIGHUP)
     assert systemd.receive()["RELOADING"] == "1"
@@ -350,7 +362,7 @@ def test_workers_ready_only_when_every_worker_reloaded(systemd, mpxd, tmp_path):
     assert ready["READY"] == "1"
     assert ready["STATUS"].startswith("reload failed: ") and "syntax error" in ready["STATUS"]
     m.wait_for(r"reload failed in 2 workers, which still serve the previous version")
-    assert LineClient(("127.0.0.1", port)).ask("x") == "two"
+    assert LineClient(("127.0.0.1", port)).ask("x") == "three"
     m.signal(signal.SIGTERM)
     assert systemd.receive_until("STOPPING")[-1] == {
         "STOPPING": "1", "STATUS": "shutting down: stopping 2 workers"}
