@@ -76,13 +76,13 @@ class AccessRules:
             for text in texts:
                 network = text if not isinstance(text, str) else parse_network(text)
                 rules.append((network, allowed))
-                if isinstance(text, str) and "/" in text and \
-                        ipaddress.ip_address(text.strip().split("/")[0]) \
-                        != network.network_address:
+                given, slash, _prefix = text.strip().partition("/") \
+                    if isinstance(text, str) else ("", "", "")
+                if slash and ipaddress.ip_address(given) != network.network_address:
                     self._typos.append(
                         f"{option} {text.strip()} is taken as {network}: the address has "
                         f"host bits set (write {network} for the network, or "
-                        f"{text.strip().split('/')[0]} alone for the one host)")
+                        f"{given} alone for the one host)")
                 mapped = network.network_address.ipv4_mapped \
                     if network.version == 6 else None
                 if mapped is not None and network.prefixlen >= 96:

@@ -19,11 +19,9 @@ What a connection accepted on a listener with a hook goes through:
 
 from __future__ import annotations
 
-import grp
 import logging
 import math
 import os
-import pwd
 import socket
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -32,6 +30,7 @@ import click
 from .access import AccessRules, AddressLimit, Gate, RateLimit, RefusalLog, parse_network
 from .control import ControlServer, ListenerTally
 from .listeners import describe
+from .privileges import ids_of
 from .tls import EXPIRY_CHECK_INTERVAL, TLSChannel, TLSServer
 from .unix import UnixListener, bind_unix, peer_credentials
 
@@ -208,17 +207,11 @@ class Edge:
 
     def _give_files_to(self, user: str | None, group: str | None) -> None:
         """Socket files belong to the user the daemon runs as after ``--user``."""
-        if not (user or group) or os.geteuid() != 0:
+        ids = ids_of(user, group)       # an unknown name: drop_privileges says so
+        if ids is None or os.geteuid() != 0:
             return
-        try:
-            entry = pwd.getpwnam(user) if user else None
-            gid = grp.getgrnam(group).gr_gid if group else \
-                (entry.pw_gid if entry else -1)
-        except KeyError:
-            return                      # drop_privileges reports the unknown name
-        uid = entry.pw_uid if entry else -1
         for listener in self.unix + ([self.control_listener] if self.control_listener else []):
-            listener.chown(uid, gid)
+            listener.chown(*ids)
 
     def install(self, loop: Loop, warn: bool = True) -> None:
         """Give the loop its admission hooks, reload hook and control channel.

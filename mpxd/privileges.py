@@ -22,15 +22,7 @@ def drop_privileges(user: str | None, group: str | None) -> None:
     """
     if not user and not group:
         return
-    try:
-        entry = _lookup(pwd.getpwnam, pwd.getpwuid, user) if user else None
-    except KeyError:
-        raise PrivilegeError(f"unknown user {user!r}") from None
-    try:
-        gid = _lookup(grp.getgrnam, grp.getgrgid, group).gr_gid if group \
-            else entry.pw_gid  # type: ignore[union-attr]
-    except KeyError:
-        raise PrivilegeError(f"unknown group {group!r}") from None
+    entry, gid = _entry_and_gid(user, group)
     uid = entry.pw_uid if entry is not None else os.getuid()
     if set(os.getresuid()) == {uid} and set(os.getresgid()) == {gid}:
         return                  # already that user and group (e.g. started by them)
@@ -51,16 +43,30 @@ def drop_privileges(user: str | None, group: str | None) -> None:
 
 
 def ids_of(user: str | None, group: str | None) -> tuple[int, int] | None:
-    """``(uid, gid)`` that ``drop_privileges`` would switch to (-1: unchanged); None if none."""
+    """``(uid, gid)`` that ``drop_privileges`` switches to (-1: unchanged), for
+    files made before it; None without ``--user``/``--group``, or for an
+    unknown name (``drop_privileges`` names it)."""
     if not user and not group:
         return None
     try:
+        entry, gid = _entry_and_gid(user, group)
+    except PrivilegeError:
+        return None
+    return (entry.pw_uid if entry is not None else -1), gid
+
+
+def _entry_and_gid(user: str | None, group: str | None) -> tuple[pwd.struct_passwd | None, int]:
+    """The user's passwd entry (if any) and the group id: ``group``, else the user's."""
+    try:
         entry = _lookup(pwd.getpwnam, pwd.getpwuid, user) if user else None
+    except KeyError:
+        raise PrivilegeError(f"unknown user {user!r}") from None
+    try:
         gid = _lookup(grp.getgrnam, grp.getgrgid, group).gr_gid if group \
             else entry.pw_gid  # type: ignore[union-attr]
     except KeyError:
-        return None             # drop_privileges names the unknown one
-    return (entry.pw_uid if entry is not None else -1), gid
+        raise PrivilegeError(f"unknown group {group!r}") from None
+    return entry, gid
 
 
 def _lookup(by_name, by_id, name: str):
