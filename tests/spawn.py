@@ -93,6 +93,19 @@ class Mpxd:
     def signal(self, signum: int) -> None:
         os.kill(self.proc.pid, signum)
 
+    def wait_catching(self, signum: int, timeout: float = 10.0) -> None:
+        """Wait until the process has a handler for ``signum`` (its start-up
+        got that far); before, the signal's default action would apply."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(f"/proc/{self.pid}/status") as f:
+                caught = next(int(line.split()[1], 16) for line in f
+                              if line.startswith("SigCgt:"))
+            if caught & (1 << (signum - 1)):
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"no handler for {signal.Signals(signum).name} after {timeout}s")
+
     def wait(self, timeout: float = 10.0) -> int:
         """Wait for the process to exit; return its exit status."""
         return self.proc.wait(timeout)

@@ -327,8 +327,8 @@ def test_workers_ready_only_when_every_worker_reloaded(systemd, mpxd, tmp_path):
     script.write_text(source.format(answer="one"))
     m = mpxd(["--workers", "2", "--port", "0", "--host", "127.0.0.1", str(script)],
              env={"NOTIFY_SOCKET": systemd.path, "SLOW": "1"})
-    time.sleep(0.3)
-    m.signal(signal.SIGHUP)                         # during start-up
+    m.wait_catching(signal.SIGHUP)                  # not killed by its default action
+    m.signal(signal.SIGHUP)                         # during start-up (workers import for 1 s)
     ready = systemd.receive_until("READY")
     assert ready[-1]["STATUS"].startswith("listening on 127.0.0.1:")
     assert "RELOADING" not in str(ready)
