@@ -28,21 +28,21 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterable
+
+from .logs import BurstLog
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core import Core
     from .session import Session
 
-__all__ = ["AccessRules", "AddressLimit", "RefusalLog", "Gate", "RateLimit",
+__all__ = ["AccessRules", "AddressLimit", "refusal_log", "Gate", "RateLimit",
            "ThrottledFramer", "parse_network"]
 
 log = logging.getLogger("mpxd")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-SUMMARY_INTERVAL = 1.0      # seconds between "refused N more" lines during a burst
 RELEASE_INTERVAL = 0.05     # a throttled session gets lines at most this often
 MIN_WAIT = 0.001            # never a zero-delay timer: that would spin the loop
 SWEEP_EVERY = 1024          # admissions between sweeps of finished connections
@@ -187,52 +187,16 @@ class AddressLimit:
                     del self.by_address[address]
 
 
-class RefusalLog:
-    """Log refused connections once per burst, with counts."""
-
-    def __init__(self, core: Core) -> None:
-        self.core = core
-        self.total: Counter[str] = Counter()      # by reason, for the control channel
-        self._reasons: Counter[str] = Counter()   # this summary period
-        self._hosts: Counter[str] = Counter()
-        self._timer: Any = None
-
-    def refused(self, host: str, reason: str) -> None:
-        self.total[reason] += 1
-        if self._timer is None:
-            log.info("refused a connection from %s: %s (more refusals are "
-                     "summarised every %gs)", host, reason, SUMMARY_INTERVAL)
-            self._timer = self.core.call_later(SUMMARY_INTERVAL, self._summary)
-            return
-        self._reasons[reason] += 1
-        self._hosts[host] += 1
-
-    def _summary(self, final: bool = False) -> None:
-        count = sum(self._reasons.values())
-        if not count:
-            self._timer = None          # a quiet period: the burst is over
-            return
-        reasons = ", ".join(f"{n} {reason}" for reason, n in self._reasons.most_common())
-        hosts = ", ".join(f"{host} ({n})" for host, n in self._hosts.most_common(3))
-        more = len(self._hosts) - 3
-        log.info("refused %d more connections %s: %s; from %s%s", count,
-                 "before the daemon stopped" if final else f"in the last {SUMMARY_INTERVAL:g}s",
-                 reasons, hosts, f" and {more} other addresses" if more > 0 else "")
-        self._reasons.clear()
-        self._hosts.clear()
-        self._timer = None if final else self.core.call_later(SUMMARY_INTERVAL, self._summary)
-
-    def close(self) -> None:
-        """At exit: the refusals since the last summary, whose timer will not come."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._summary(final=True)
+def refusal_log(core: Core) -> BurstLog:
+    """Refused connections, logged once per burst, with counts."""
+    return BurstLog(core, first="refused a connection from {who}: {reason}",
+                    summary="refused {count} {when}", noun="connection", later="refusals")
 
 
 class Gate:
     """The access check made once per accepted TCP connection."""
 
-    def __init__(self, refusals: RefusalLog, rules: AccessRules | None = None,
+    def __init__(self, refusals: BurstLog, rules: AccessRules | None = None,
                  per_address: AddressLimit | None = None) -> None:
         self.rules = rules
         self.per_address = per_address
@@ -241,10 +205,10 @@ class Gate:
     def admit(self, host: str) -> bool:
         """Whether ``host`` may connect now; a refusal is logged (in bursts)."""
         if self.rules is not None and not self.rules.allows(host):
-            self.refusals.refused(host, "denied by --allow/--deny")
+            self.refusals.event(host, host, "denied by --allow/--deny")
             return False
         if self.per_address is not None and not self.per_address.room(host):
-            self.refusals.refused(host, f"over --max-per-ip {self.per_address.limit}")
+            self.refusals.event(host, host, f"over --max-per-ip {self.per_address.limit}")
             return False
         return True
 

@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from .access import AccessRules, AddressLimit, Gate, RateLimit, RefusalLog, parse_network
+from .access import AccessRules, AddressLimit, Gate, RateLimit, parse_network, refusal_log
 from .control import ControlServer, ListenerTally
 from .listeners import describe
+from .logs import BurstLog
 from .privileges import ids_of
 from .tls import EXPIRY_CHECK_INTERVAL, TLSChannel, TLSServer
 from .unix import UnixListener, bind_unix, peer_credentials
@@ -178,7 +179,7 @@ class Edge:
         self.unix: list[UnixListener] = []
         self.control_listener: UnixListener | None = None
         self.control: ControlServer | None = None
-        self.refusals: RefusalLog | None = None
+        self.refusals: BurstLog | None = None
         self.rate: RateLimit | None = None
         self.tallies: list[ListenerTally] = []
 
@@ -224,7 +225,7 @@ class Edge:
         core = loop.core
         gate = None
         if config.allow or config.deny or config.max_per_ip:
-            self.refusals = RefusalLog(core)
+            self.refusals = refusal_log(core)
             rules = AccessRules(config.allow, config.deny) \
                 if config.allow or config.deny else None
             limit = AddressLimit(config.max_per_ip) if config.max_per_ip else None
@@ -239,7 +240,7 @@ class Edge:
         if config.max_rate:
             self.rate = RateLimit(core, config.max_rate)
         if self.tls is not None:
-            self.tls.loop = loop
+            self.tls.attach(loop)
             loop.reload_hooks.append(self.tls.reload)
             self.tls.warns_of_expiry = warn
             if warn:                # a certificate expiring while the daemon runs
@@ -264,6 +265,8 @@ class Edge:
         if self.refusals is not None:
             self.refusals.close()
             self.refusals = None
+        if self.tls is not None:
+            self.tls.close()
         if self.control is not None:
             self.control.close()
             self.control = None

@@ -16,10 +16,14 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from .core import Core
 
 __all__ = ["setup_logging", "reopen_log_files", "stderr_is_journal", "LEVELS",
-           "log_fast", "start_batching", "stop_batching", "flush_batched", "lines_waiting"]
+           "BurstLog", "counted", "log_fast", "start_batching", "stop_batching", "flush_batched", "lines_waiting"]
 
 log = logging.getLogger("mpxd")
 
@@ -76,6 +80,68 @@ _LEVEL_NAMES = {level: logging.getLevelName(level) for level in _PRIORITY}
 def counted(number: int, noun: str, plural: str = "") -> str:
     """``"1 session"``, ``"3 sessions"``: a count for a log line, in good English."""
     return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
+class BurstLog:
+    """Log the first of a burst of like events in full, then one summary a second.
+
+    A scanner or a flood must not write a line per connection.  The first
+    event of a burst is logged as it comes; the ones after it are counted by
+    reason and by address, and summarised every ``SUMMARY_INTERVAL`` seconds
+    while they go on; a quiet interval ends the burst.  ``close()`` (at exit)
+    logs what the last interval counted, since its timer will not come.
+
+    ``first`` is the first event's line, with ``{who}`` and ``{reason}``;
+    ``summary`` counts the later ones, with ``{count}`` (``"3 more"`` and
+    ``noun`` in the right number) and ``{when}``; ``later`` names them in
+    the first line's promise, ``"(more refusals are summarised every 1s)"``.
+    """
+
+    SUMMARY_INTERVAL = 1.0
+
+    def __init__(self, core: Core, first: str, summary: str, noun: str, later: str) -> None:
+        self.core = core
+        self.first, self.summary, self.noun, self.later = first, summary, noun, later
+        self.total: Counter[str] = Counter()      # by reason, for the control channel
+        self._reasons: Counter[str] = Counter()   # this summary period
+        self._hosts: Counter[str] = Counter()
+        self._timer: Any = None
+
+    def event(self, who: str, host: str, reason: str) -> None:
+        """One event; ``who`` names it in a line of its own, ``host`` in a summary."""
+        self.total[reason] += 1
+        if self._timer is None:
+            log.info("%s (more %s are summarised every %gs)",
+                     self.first.format(who=who, reason=reason), self.later,
+                     self.SUMMARY_INTERVAL)
+            self._timer = self.core.call_later(self.SUMMARY_INTERVAL, self._summarise)
+            return
+        self._reasons[reason] += 1
+        self._hosts[host] += 1
+
+    def _summarise(self, final: bool = False) -> None:
+        count = sum(self._reasons.values())
+        if not count:
+            self._timer = None          # a quiet period: the burst is over
+            return
+        reasons = ", ".join(f"{n} {reason}" for reason, n in self._reasons.most_common())
+        hosts = ", ".join(f"{host} ({n})" for host, n in self._hosts.most_common(3))
+        more = len(self._hosts) - 3
+        when = ("before the daemon stopped" if final
+                else f"in the last {self.SUMMARY_INTERVAL:g}s")
+        log.info("%s: %s; from %s%s",
+                 self.summary.format(count=counted(count, "more " + self.noun), when=when),
+                 reasons, hosts, f" and {more} other addresses" if more > 0 else "")
+        self._reasons.clear()
+        self._hosts.clear()
+        self._timer = None if final else self.core.call_later(self.SUMMARY_INTERVAL,
+                                                              self._summarise)
+
+    def close(self) -> None:
+        """At exit: the events since the last summary, whose timer will not come."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._summarise(final=True)
 
 
 def log_fast(logger: logging.Logger, level: int, msg: str, *args: object) -> None:

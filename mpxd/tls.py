@@ -6,7 +6,7 @@ TLS fits in without touching that path: ``ssl.SSLObject`` runs over two
 
 * The handshake happens before there is a session.  The accepted descriptor
   is polled through ``Loop.watch`` and fed to the SSL object until the
-  handshake completes, fails (logged at INFO, nothing else is disturbed) or
+  handshake completes, fails (logged at INFO in bursts, nothing else is disturbed) or
   times out (``--tls-handshake-timeout``, a core timer).  Only then does the
   session open, so ``handle_open`` already sees ``s.tls_peer``.
 * Reading: the session's framer is a ``TLSChannel``; the loop hands it the
@@ -32,6 +32,7 @@ import ssl
 from typing import TYPE_CHECKING, Any, Callable
 
 from .core import format_peer
+from .logs import BurstLog
 from .listeners import ListenError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -208,6 +209,11 @@ def _escape(value: str) -> str:
     return escaped
 
 
+def _host(peer: Any) -> str:
+    """The address of a TCP peer, as a summary counts it."""
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+
 class TLSServer:
     """The TLS settings of one run: the current context, handshakes, counts."""
 
@@ -220,6 +226,21 @@ class TLSServer:
         self.warns_of_expiry = False    # the edge decides: under --workers, worker 1 only
         self.handshakes = 0             # completed
         self.failures = 0               # failed or timed out
+        # A scanner or a plain-text client fails one handshake after another:
+        # the first is logged, the rest summarised.
+        self.failure_log: BurstLog | None = None
+
+    def attach(self, loop: Loop) -> None:
+        """Serve the listeners of ``loop`` (the edge's set-up)."""
+        self.loop = loop
+        self.failure_log = BurstLog(
+            loop.core, first="TLS handshake with {who} failed: {reason}",
+            summary="{count} failed {when}", noun="TLS handshake", later="failures")
+
+    def close(self) -> None:
+        """At exit: the failures the last summary has not told yet."""
+        if self.failure_log is not None:
+            self.failure_log.close()
 
     def reload(self) -> str | None:
         """Load the certificate files again (HUP); keep the old ones on failure.
@@ -245,7 +266,7 @@ class TLSServer:
     def handshake(self, fd: int, peer: Any,
                   done: Callable[[int, Any, TLSChannel], Any]) -> Handshake:
         """Start the server side of a handshake on accepted ``fd``."""
-        assert self.loop is not None, "TLSServer.loop is set by the edge set-up"
+        assert self.loop is not None, "TLSServer.attach is called by the edge set-up"
         return Handshake(self, self.loop, fd, peer, done)
 
 
@@ -358,8 +379,11 @@ class Handshake:
         if self.closed:
             return
         self.server.failures += 1
-        log.log(logging.DEBUG if quiet else logging.INFO,
-                "TLS handshake with %s failed: %s", format_peer(self.peer), reason)
+        if quiet:
+            log.debug("TLS handshake with %s failed: %s", format_peer(self.peer), reason)
+        else:
+            assert self.server.failure_log is not None, "set with the loop, by attach"
+            self.server.failure_log.event(format_peer(self.peer), _host(self.peer), reason)
         self.timer.cancel()
         self.loop.unwatch(self.fd)
         self.loop.admission_ended()

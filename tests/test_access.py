@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import wait_until
-from mpxd.access import AccessRules, AddressLimit, RateLimit, RefusalLog, parse_network
+from mpxd.access import AccessRules, AddressLimit, RateLimit, parse_network, refusal_log
 from mpxd.framing import LineFramer
 
 HANDLER = '''
@@ -143,7 +143,7 @@ class FakeTimer(list):
 
 
 class FakeCore:
-    """What RateLimit and RefusalLog use of the core, with a clock the test moves."""
+    """What RateLimit and refusal_log use of the core, with a clock the test moves."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -208,15 +208,15 @@ def test_rate_limited_session_closing_drops_held_lines():
 
 def test_refusals_are_logged_once_per_burst_with_counts(caplog):
     core = FakeCore()
-    refusals = RefusalLog(core)
+    refusals = refusal_log(core)
     with caplog.at_level(logging.INFO, logger="mpxd"):
-        refusals.refused("10.0.0.1", "denied by --allow/--deny")
+        refusals.event("10.0.0.1", "10.0.0.1", "denied by --allow/--deny")
         for _ in range(5):
-            refusals.refused("10.0.0.1", "over --max-per-ip 2")
-        refusals.refused("10.0.0.2", "denied by --allow/--deny")
+            refusals.event("10.0.0.1", "10.0.0.1", "over --max-per-ip 2")
+        refusals.event("10.0.0.2", "10.0.0.2", "denied by --allow/--deny")
         core.run_until(1.0)
         core.run_until(5.0)                       # quiet: the burst ends, no more lines
-        refusals.refused("10.0.0.3", "denied by --allow/--deny")
+        refusals.event("10.0.0.3", "10.0.0.3", "denied by --allow/--deny")
     messages = [r.getMessage() for r in caplog.records]
     assert messages == [
         "refused a connection from 10.0.0.1: denied by --allow/--deny (more refusals "
@@ -232,10 +232,10 @@ def test_refusals_are_logged_once_per_burst_with_counts(caplog):
 def test_refusals_not_yet_summarised_are_logged_at_exit(caplog):
     # The last second's refusals waited for a summary timer that never ran.
     core = FakeCore()
-    refusals = RefusalLog(core)
+    refusals = refusal_log(core)
     with caplog.at_level(logging.INFO, logger="mpxd"):
         for _ in range(25):
-            refusals.refused("127.0.0.1", "denied by --allow/--deny")
+            refusals.event("127.0.0.1", "127.0.0.1", "denied by --allow/--deny")
         refusals.close()
     assert caplog.records[-1].getMessage() == (
         "refused 24 more connections before the daemon stopped: 24 denied by "

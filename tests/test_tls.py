@@ -282,6 +282,26 @@ def test_plain_text_client_is_refused_and_logged(mpxd, certs, handler):  # noqa:
     assert d.stop() == 0
 
 
+def test_failed_handshakes_are_summarised_not_logged_one_by_one(mpxd, certs, handler):  # noqa: F811
+    # 300 plain-text clients wrote 300 INFO lines: a scanner could fill the log.
+    d = start(mpxd, certs, handler)
+    for _ in range(30):
+        plain = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+        plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        plain.recv(4096)                     # a TLS alert, or nothing
+        plain.close()
+    d.wait_for(r"INFO 29 more TLS handshakes failed (in the last 1s|before the daemon "
+               r"stopped): 29 http request; from 127\.0\.0\.1 \(29\)\n",
+               timeout=5)
+    log = d.log()
+    assert log.count("failed: http request") == 1
+    assert "(more failures are summarised every 1s)" in log
+    good = TLSClient(d.port, client_context(certs))
+    assert good.readline() == "hello None"
+    good.close()
+    assert d.stop() == 0
+
+
 def test_tls_below_1_2_is_refused(mpxd, certs, handler):  # noqa: F811
     d = start(mpxd, certs, handler)
     old = client_context(certs)
