@@ -31,7 +31,7 @@ from .loop import Loop, prepare_listeners, raise_descriptor_limit
 from .pidfile import PidFile, PidFileError
 from .privileges import PrivilegeError, drop_privileges
 from .script import ScriptError, load_script
-from .signals import StopDuringStartup, Wakeup
+from .signals import StopDuringImport, Wakeup
 from .systemd import Notifier, listen_fds
 from .workers import supervise
 
@@ -109,7 +109,7 @@ class _Command(click.Command):
                    "machine is gone. 0: off.")
 @click.option("--drain-timeout", type=float, default=10.0, show_default=True,
               metavar="SECONDS", callback=_seconds,
-              help="On TERM/INT, how long queued output may take before sessions "
+              help="On TERM/INT/QUIT, how long queued output may take before sessions "
                    "are closed anyway.")
 @click.option("--send-timeout", type=float, default=60.0, show_default=True,
               metavar="SECONDS", callback=_seconds,
@@ -164,7 +164,7 @@ def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller
       mpxd --port 47110 handlers/counter.py
       printf '1\\n1\\n5 global\\n' | nc -N localhost 47110
 
-    Signals: TERM/INT drain and stop, HUP reloads SCRIPT, USR1 reopens logs.
+    Signals: TERM/INT/QUIT drain and stop, HUP reloads SCRIPT, USR1 reopens logs.
     Every option can also be set as MPXD_<OPTION>, e.g. MPXD_PORT=47110.
     """
     _standard_descriptors_open()
@@ -299,7 +299,7 @@ def run(config: Config, inherited: list) -> int:
         if not config.log_file and not config.syslog:
             log.warning("--daemon without --log-file or --syslog: log lines are discarded")
         detached = detach(reopenable[0].stream.fileno() if reopenable else None)
-    # From here on a TERM or INT stops start-up cleanly (the pidfile and
+    # From here on a stop signal stops start-up cleanly (the pidfile and
     # sockets go, exit 0) instead of killing mpxd; HUP and USR1 wait for
     # the loop.  Not earlier: the --daemon launcher must keep its defaults.
     wakeup = Wakeup()
@@ -322,7 +322,7 @@ def run(config: Config, inherited: list) -> int:
     except (PidFileError, ListenError, PrivilegeError, ScriptError) as e:
         _release(listeners, edge, pidfile, wakeup)
         return start_failed(str(e), detached, config.daemon)
-    except StopDuringStartup as e:
+    except StopDuringImport as e:
         _release(listeners, edge, pidfile, wakeup)
         return _stopped_before_serving(e.signum, detached)
 
@@ -376,7 +376,7 @@ def _release(listeners: list, edge: Edge | None, pidfile: PidFile | None,
 
 
 def _stopped_before_serving(signum: int, detached: Detached | None) -> int:
-    """A TERM or INT came during start-up: a clean stop, not a failure."""
+    """A stop signal came during start-up: a clean stop, not a failure."""
     message = f"{signal.Signals(signum).name} during start-up: stopped before serving"
     log.info("%s", message)
     if detached is not None:    # the command that waits did not get a daemon

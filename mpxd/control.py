@@ -328,8 +328,7 @@ class ControlServer:
         log.info("control (%s): reload", s.peer)
         failure = self.loop.handle_hup()
         if failure is not None:
-            raise UsageError(f"reload failed, the previous version keeps running: "
-                             f"{failure}")
+            raise UsageError(f"reload failed: {failure}")
         return f"OK reloaded {self.main.handlers.path}"
 
     def cmd_drain(self, s: Session, args: list[str]) -> str:

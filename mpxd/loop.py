@@ -33,7 +33,7 @@ from .forks import keep_from_children
 from .logs import counted, flush_batched, lines_waiting, start_batching, stop_batching
 from .script import ScriptError, load_script
 from .session import Session
-from .signals import Wakeup
+from .signals import StopDuringImport, Wakeup
 from .timers import Timer
 from .systemd import Notifier
 
@@ -168,7 +168,7 @@ class Loop:
     # ------------------------------------------------------------ running
 
     def run(self) -> None:
-        """Serve until a TERM/INT-initiated drain has closed every session.
+        """Serve until a stop signal's drain has closed every session.
 
         The caller has run ``core.start()`` (the script's ``on_start``)."""
         core = self.core
@@ -501,7 +501,7 @@ class Loop:
     # ------------------------------------------------------------ signals
 
     def install_signals(self) -> None:
-        """Route TERM, INT, HUP and USR1 to this loop (main thread; idempotent).
+        """Route mpxd's signals (``HANDLED_SIGNALS``) to this loop (main thread; idempotent).
 
         The CLI calls this before it announces readiness, so that a signal
         sent as soon as "listening on" appears is handled, not fatal.
@@ -516,14 +516,14 @@ class Loop:
             getattr(self, "handle_" + name[3:])()
 
     def handle_term(self) -> None:
-        """Graceful shutdown; a second TERM/INT while draining ends it at once."""
+        """Graceful shutdown (TERM, INT, QUIT); a second one while draining ends it at once."""
         if self.draining:
             log.info("second stop signal: closing %s now", counted(len(self.conns), "session"))
             self._abort_all("shutdown")
             return
         self.begin_drain()
 
-    handle_int = handle_term
+    handle_int = handle_quit = handle_term
 
     def handle_usr2(self) -> None:
         """Say that USR2 does nothing here (its default action would kill mpxd)."""
@@ -545,29 +545,37 @@ class Loop:
             log.info("not reloading %s: shutting down", path)
             return "not reloading: the daemon is shutting down"
         log.info("reloading %s", path)
+        flush_batched()         # now: the import may take long, and the log says why
         self.notifier.reloading()
         # The TLS certificate files (each hook logs its own failure).
-        refused = [problem for hook in self.reload_hooks if (problem := hook())]
+        problems = [problem for hook in self.reload_hooks if (problem := hook())]
+        failure: str | None = None
         try:
-            handlers = load_script(path, interruptible=False)
+            # A stop need not wait for a slow (or hung) import: the TERM
+            # abandons the reload and stays pending, so the drain follows.
+            with self._wakeup.interrupting():
+                handlers = load_script(path, interruptible=False)
+        except StopDuringImport as e:
+            log.info("reload abandoned: %s during the import of %s", e, path)
+            problems.append(f"reload abandoned: {e} during the import; stopping")
         except ScriptError as e:
-            failure: str | None = str(e)
+            failure = str(e)
         else:
-            failure = None if self.core.reload(handlers) else \
-                "on_reload raised (its traceback is in the log)"
-        if failure is None:
-            log.info("reloaded %s", path)
-        else:
+            if not self.core.reload(handlers):
+                failure = "on_reload raised (its traceback is in the log)"
+            else:
+                log.info("reloaded %s", path)
+        if failure is not None:
             log.error("reload failed, still serving the previous version: %s", failure)
-        problems = refused + ([failure] if failure else [])
+            problems.append(f"script refused, the previous version still serves: {failure}")
         if not problems:
             self.notifier.ready(self._status_text())
             return None
         # mpxctl reload and systemd hear of a certificate refused even when
         # the script reloaded: a renewal hook must see that it failed.
-        failure = "; ".join(problems)
-        self.notifier.ready(f"reload failed: {failure}; {self._status_text()}")
-        return failure
+        said = "; ".join(problems)
+        self.notifier.ready(f"reload failed: {said}; {self._status_text()}")
+        return said
 
     def handle_usr1(self) -> None:
         """Reopen log files (after logrotate moved them)."""

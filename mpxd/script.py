@@ -29,7 +29,7 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from .signals import StopDuringStartup, signal_handlers_kept
+from .signals import StopDuringImport, signal_handlers_kept
 
 log = logging.getLogger("mpxd")
 
@@ -210,7 +210,7 @@ def load_script(path: str, interruptible: bool = True) -> Handlers:
     while the module runs, or a missing or non-callable ``handle_request``.
     A KeyboardInterrupt (the user's ^C) goes through, unless not
     ``interruptible``: a daemon's SIGINT does not raise one, so there it is
-    the script's own error too.  ``StopDuringStartup`` always goes through.
+    the script's own error too.  ``StopDuringImport`` always goes through.
     """
     path = os.path.abspath(path)
     try:
@@ -410,7 +410,7 @@ def _execute_and_collect(path: str, code: types.CodeType, module: types.ModuleTy
     except SystemExit as e:
         raise ScriptError(f"{path}: called exit({e.code}) at import") from None
     except BaseException as e:  # noqa: BLE001 - any failure is the script's
-        if isinstance(e, StopDuringStartup) or (isinstance(e, KeyboardInterrupt)
+        if isinstance(e, StopDuringImport) or (isinstance(e, KeyboardInterrupt)
                                                 and interruptible):
             raise
         raise ScriptError(_describe_exception(path, e)) from None

@@ -7,9 +7,9 @@ a non-blocking socketpair.  The other end sits in the poll set; when it turns
 readable the loop drains it and dispatches each recorded signal.  Worker
 threads use the same socketpair (``wake``) to hand results to the loop.
 
-The one exception is start-up, before the loop runs: inside
-``interrupting()`` (the script's import) a TERM or INT raises
-``StopDuringStartup``, as ^C raises KeyboardInterrupt in any Python program.
+The one exception is the script's import, at start-up and on HUP, when the
+loop does not run: inside ``interrupting()`` a stop signal (TERM, INT, QUIT) raises
+``StopDuringImport``, as ^C raises KeyboardInterrupt in any Python program.
 """
 
 from __future__ import annotations
@@ -23,25 +23,28 @@ import threading
 import time
 from typing import Iterator
 
-__all__ = ["Wakeup", "HANDLED_SIGNALS", "StopDuringStartup", "signal_handlers_kept"]
+__all__ = ["Wakeup", "HANDLED_SIGNALS", "STOP_SIGNALS", "StopDuringImport",
+           "signal_handlers_kept"]
 
 log = logging.getLogger("mpxd")
 
 # USR2 is handled only to be ignored: its default action kills the process,
 # and operators used to nginx or gunicorn send it for a binary upgrade.
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
-                   signal.SIGUSR2)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# QUIT stops as TERM does: nginx and unicorn operators send it for a graceful
+# stop, and its default action (a core dump) would skip the drain and clean-up.
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                   signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 # What a script must leave alone: mpxd's signals, and PIPE, which stays ignored.
 KEPT_SIGNALS = HANDLED_SIGNALS + (signal.SIGPIPE,)
-KEEP_YOURS_OUT = ("mpxd keeps its own (TERM and INT stop gracefully, HUP reloads, USR1 "
+KEEP_YOURS_OUT = ("mpxd keeps its own (TERM, INT and QUIT stop gracefully, HUP reloads, USR1 "
                   "reopens logs, PIPE stays ignored so that a client going away cannot "
                   "kill the daemon): clean up in on_stop instead")
 # A third stop signal the loop has not taken up, the first of them this many
 # seconds old, means the loop is stuck (a handler that never returns): exit.
 STUCK_AFTER = 2.0
 STUCK_MESSAGE = (b"mpxd: 3 stop signals in %.0fs and the loop took up none: a handler "
-                 b"is stuck; exiting now, without a drain\n")
+                 b"(or a timer, or on_reload) is stuck; exiting now, without a drain\n")
 
 
 @contextlib.contextmanager
@@ -77,8 +80,11 @@ def signal_handlers_kept(path: str, when: str) -> Iterator[None]:
                         KEEP_YOURS_OUT)
 
 
-class StopDuringStartup(BaseException):
-    """A TERM or INT came while mpxd was still starting (a slow script import).
+class StopDuringImport(BaseException):
+    """A stop signal came while mpxd imported the script (at start-up, or on HUP).
+
+    The loop, which would take the signal up, does not run meanwhile, and an
+    import may take long (or hang): the stop must not wait for it.
 
     A BaseException, like KeyboardInterrupt, so that the script's own
     ``except Exception`` does not swallow it.
@@ -168,10 +174,10 @@ class Wakeup:
 
     @contextlib.contextmanager
     def interrupting(self) -> Iterator[None]:
-        """Make a TERM or INT raise ``StopDuringStartup`` in the code inside.
+        """Make a stop signal raise ``StopDuringImport`` in the code inside.
 
-        For start-up work that may take long (the script's import): the
-        loop, which would take the signal up, does not run yet.  Raised also
+        For the script's import, which may take long: the loop, which
+        would take the signal up, does not run meanwhile.  Raised also
         on the way in and out if a stop signal is pending: one that came
         just before, or that the code inside caught and went on.
         """
@@ -186,11 +192,11 @@ class Wakeup:
     def _raise_if_stop_pending(self) -> None:
         pending = self.stop_pending
         if pending is not None:
-            raise StopDuringStartup(pending)
+            raise StopDuringImport(pending)
 
     @property
     def stop_pending(self) -> int | None:
-        """The first TERM or INT not taken up yet, if any."""
+        """The first stop signal not taken up yet, if any."""
         return next((signum for signum in self.pending if signum in STOP_SIGNALS), None)
 
     def uninstall(self) -> None:
@@ -217,7 +223,7 @@ class Wakeup:
                 os._exit(1)
             if self._interrupting:
                 self._interrupting = False      # once: cleanup code is not interrupted
-                raise StopDuringStartup(signum)
+                raise StopDuringImport(signum)
 
     def wake(self) -> None:
         """Make the loop's poll return soon; callable from any thread."""
@@ -277,7 +283,7 @@ class Wakeup:
         self._writer.close()
 
     def close_for_exit(self) -> None:
-        """Close, and ignore TERM, INT, HUP and USR1 from now on: the process is ending.
+        """Close, and ignore mpxd's signals from now on: the process is ending.
 
         Restoring their default action would let a signal sent after the
         loop stopped (an operator's second TERM, systemd's) kill the last

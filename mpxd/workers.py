@@ -18,8 +18,8 @@ The parent never runs handler code.  It
   HOST:PORT``, tell systemd READY=1 and release ``--daemon``'s caller;
 * restarts a worker that dies, at once after a long life, with a growing
   delay (0.5 s doubling to 30 s) while it keeps dying young;
-* forwards TERM, INT, HUP and USR1 to every worker (and reopens its own log
-  files on USR1); on TERM/INT it waits for the workers to drain and exit,
+* forwards TERM, INT, QUIT, HUP and USR1 to every worker (and reopens its own log
+  files on USR1); on a stop signal it waits for the workers to drain and exit,
   kills those still there ``--drain-timeout`` + 5 s later, removes the
   pidfile and exits 0 if every worker exited cleanly;
 * holds the pidfile; the workers hold the port;
@@ -30,7 +30,7 @@ The parent never runs handler code.  It
 Sockets passed by systemd (``LISTEN_FDS``) are inherited by every worker
 instead: one shared listening socket, no ``SO_REUSEPORT``.
 
-Workers are forked with TERM/INT/HUP/USR1 blocked and unblock them once
+Workers are forked with the forwarded signals blocked and unblock them once
 their own handlers are installed, so a signal forwarded during start-up is
 never lost; a TERM stops a worker's slow script import at once.  Each worker
 runs in its own process group (a Ctrl-C in the terminal reaches the parent
@@ -68,7 +68,7 @@ from .loop import MAX_WAIT, USR2_IGNORED, Loop, prepare_listeners
 from .pidfile import PidFile, PidFileError
 from .privileges import PrivilegeError, drop_privileges, ids_of
 from .script import ScriptError, load_script
-from .signals import HANDLED_SIGNALS, StopDuringStartup, Wakeup
+from .signals import HANDLED_SIGNALS, STOP_SIGNALS, StopDuringImport, Wakeup
 from .systemd import Notifier
 from .timers import TimerHeap
 
@@ -76,7 +76,7 @@ __all__ = ["supervise", "Supervisor"]
 
 log = logging.getLogger("mpxd")
 
-FORWARDED = HANDLED_SIGNALS                 # TERM, INT, HUP, USR1 (USR2: not)
+FORWARDED = HANDLED_SIGNALS                 # TERM, INT, QUIT, HUP, USR1 (USR2: not)
 STABLE_AFTER = 10.0     # a worker that lived this long and died restarts at once
 BACKOFF_FIRST = 0.5     # seconds before restarting a worker that died young
 BACKOFF_MAX = 30.0
@@ -243,7 +243,7 @@ class Supervisor:
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGCHLD:
             return                      # _reap runs after every wake-up
-        if signum in (signal.SIGTERM, signal.SIGINT):
+        if signum in STOP_SIGNALS:
             if self.stopping:
                 log.info("second stop signal: passing it on, workers close sessions now")
             else:
@@ -295,7 +295,7 @@ class Supervisor:
             return
         if self.reload_failures:
             failure = self.reload_failures[0]
-            log.error("reload failed in %s, which still serve the previous version: %s",
+            log.error("reload failed in %s: %s",
                       counted(len(self.reload_failures), "worker"), failure)
             self.notifier.ready(f"reload failed: {failure}; {self._status_text()}")
         else:
@@ -550,7 +550,7 @@ def _serve_as_worker(config: Config, number: int, status_fd: int,
     except (ListenError, PrivilegeError, ScriptError) as e:
         _report(status_fd, f"error {e}")
         return 1
-    except StopDuringStartup as e:
+    except StopDuringImport as e:
         wakeup.close_for_exit()
         log.info("worker %d: %s during start-up: stopped before serving", number, e)
         return 0

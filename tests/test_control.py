@@ -167,8 +167,8 @@ def test_reload_swaps_script_and_reports_failure(served):
     assert version() == b"version two\n"
     assert stats(d.control)["reloads"] == "1"
     d.script.write_text("def handle_request(s):\n    s.response = (\n")
-    with pytest.raises(DaemonError, match=r"reload failed, the previous version keeps "
-                                          r"running: .*: syntax error at line 2"):
+    with pytest.raises(DaemonError, match=r"reload failed: script refused, the previous "
+                                          r"version still serves: .*: syntax error at line 2"):
         ask(d.control, "reload")      # the reason itself, not "see the log"
     assert version() == b"version two\n"
     before = load.total()

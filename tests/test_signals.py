@@ -20,9 +20,9 @@ import time
 import pexpect
 import pytest
 
-from conftest import HANDLERS, MPXD, ROOT, wait_until
+from conftest import HANDLERS, MPXD, ROOT, LineClient, wait_until
 from spawn import mpxd  # noqa: F401 - a fixture
-from mpxd.signals import StopDuringStartup, Wakeup
+from mpxd.signals import StopDuringImport, Wakeup
 
 # VERSION is what HUP tests change; s.handle counts this session's requests.
 SCRIPT = """\
@@ -143,13 +143,13 @@ def test_interrupting_raises_for_a_stop_signal_once_and_keeps_it_pending():
         with wakeup.interrupting():
             os.kill(os.getpid(), signal.SIGUSR1)    # not a stop: no exception
         assert wakeup.stop_pending is None
-        with pytest.raises(StopDuringStartup) as raised:
+        with pytest.raises(StopDuringImport) as raised:
             with wakeup.interrupting():
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(5)                       # the handler raises before this ends
         assert raised.value.signum == signal.SIGINT
         assert wakeup.stop_pending == signal.SIGINT
-        with pytest.raises(StopDuringStartup):      # still pending: raised on the way in
+        with pytest.raises(StopDuringImport):      # still pending: raised on the way in
             with wakeup.interrupting():
                 pass
         assert wakeup.drain() == [signal.SIGUSR1, signal.SIGINT]
@@ -206,7 +206,7 @@ def test_close_for_exit_leaves_stop_signals_ignored_not_fatal():
 
 # ---------------------------------------------------------------- TERM/INT
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
 def test_stop_signal_closes_every_session_removes_pidfile_exits_0(
         daemon, recording, tmp_path, signum):
     script, calls_path = recording
@@ -351,7 +351,7 @@ def test_a_third_stop_signal_ends_a_stuck_daemon(daemon, tmp_path):
         d.signal(signal.SIGINT)
         time.sleep(1.1)
     d.expect_log(r"mpxd: 3 stop signals in 2s and the loop took up none: a handler "
-                 r"is stuck; exiting now, without a drain")
+                 r"\(or a timer, or on_reload\) is stuck; exiting now, without a drain")
     assert d.stop() == 1
 
 
@@ -566,7 +566,7 @@ def wait_for_marker(marker: str, text: str) -> None:
                       timeout=10), f"the script never wrote {text!r}"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
 def test_a_stop_signal_during_a_slow_import_stops_cleanly_at_once(mpxd, tmp_path, signum):
     # It used to kill mpxd (status 143, nothing logged), leaving the
     # pidfile and the unix socket file behind.
@@ -617,6 +617,32 @@ def test_other_signals_during_start_up_are_not_fatal_and_wait_for_the_loop(mpxd,
     d.wait_for(r"reloading .*slow\.py")
     d.wait_for(r"USR2 ignored")
     assert d.stop() == 0
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["single", "workers"])
+def test_a_stop_signal_during_a_slow_reload_import_abandons_the_reload(mpxd, tmp_path, workers):
+    # The stop waited for the whole import (8 s in the report; for ever if
+    # it hung): systemctl stop ran into its SIGKILL, and three TERMs blamed
+    # "a handler" and left the pidfile behind.
+    script, marker = slow_script(tmp_path, import_sleep=0)
+    pidfile = tmp_path / "mpxd.pid"
+    d = mpxd(["--port", "0", "--host", "127.0.0.1", "--pidfile", str(pidfile),
+              *workers, script])
+    port = d.wait_listening()
+    c = LineClient(("127.0.0.1", port))
+    assert c.ask("x") == "ok"
+    slow, _ = slow_script(tmp_path, import_sleep=30)     # the same file, now slow
+    os.remove(marker)
+    d.signal(signal.SIGHUP)
+    wait_for_marker(marker, "importing")
+    d.signal(signal.SIGTERM)
+    assert d.wait(timeout=8) == 0, d.log()                # not after the 30 s sleep
+    assert "reload abandoned: SIGTERM during the import of" in d.log()
+    assert "stuck" not in d.log()
+    with pytest.raises(EOFError):
+        c.readline()                                      # drained and closed
+    assert open(marker).read() == "on_stop ran"           # the old version's on_stop
+    assert not pidfile.exists()
 
 
 def test_a_daemon_stopped_during_start_up_fails_its_launcher(mpxd, tmp_path):

@@ -361,7 +361,7 @@ def test_workers_ready_only_when_every_worker_reloaded(systemd, mpxd, tmp_path):
     ready = systemd.receive()
     assert ready["READY"] == "1"
     assert ready["STATUS"].startswith("reload failed: ") and "syntax error" in ready["STATUS"]
-    m.wait_for(r"reload failed in 2 workers, which still serve the previous version")
+    m.wait_for(r"reload failed in 2 workers: script refused, the previous version still serves")
     assert LineClient(("127.0.0.1", port)).ask("x") == "three"
     m.signal(signal.SIGTERM)
     assert systemd.receive_until("STOPPING")[-1] == {

@@ -143,13 +143,19 @@ def test_a_worker_dying_young_again_and_again_is_restarted_with_backoff(daemon, 
     d.expect_log(r"worker 1 \(pid (\d+)\) ready")
 
 
-def test_term_stops_every_worker_and_exits_0(daemon, pid_script, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGQUIT])
+def test_a_stop_signal_stops_every_worker_and_exits_0(daemon, pid_script, tmp_path, signum):
+    # QUIT's default action (a core dump) killed the parent without a word
+    # and left the pidfile behind; nginx operators send it to stop.
     pidfile = tmp_path / "mpxd.pid"
     d = daemon(pid_script, "--workers", "2", "--pidfile", str(pidfile))
     assert pidfile.read_text().strip() == str(d.pid)    # the parent owns it
     workers = _ready_pids(d)
     c = d.connect()
     c.ask("x")
+    d.signal(signum)
+    d.expect_log(r"shutting down: stopping 2 workers")
+    d.expect_log(pexpect.EOF, timeout=10)               # this signal alone ends it
     assert d.stop() == 0
     assert not any(_alive(pid) for pid in workers)
     assert not pidfile.exists()
