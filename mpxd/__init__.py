@@ -36,7 +36,7 @@ of the script.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from .session import Session, close_session, send_response
 from .timers import Timer
@@ -103,10 +103,11 @@ def call_soon_threadsafe(fn: Callable[..., Any], *args: Any) -> None:
     _core().call_soon_threadsafe(fn, *args)
 
 
-def sessions() -> Iterator[Session]:
+def sessions() -> list[Session]:
     """The open sessions of this server, e.g. to broadcast to every client.
 
-    A snapshot: closing sessions while iterating is fine.  Sessions that are
+    A snapshot, a new list: closing sessions while iterating is fine, and
+    ``len(sessions())`` counts the clients.  Sessions that are
     closing (``s.closed``) are left out.  With ``--workers`` only this
     worker's sessions.
     """

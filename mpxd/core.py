@@ -25,7 +25,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 from .config import Config
 from .framing import LineFramer
@@ -799,7 +799,7 @@ class Core:
 
     # ----------------------------------------------------- inspection
 
-    def sessions(self) -> Iterator[Session]:
+    def sessions(self) -> list[Session]:
         """The open sessions (a snapshot, safe to close sessions while iterating)."""
         self.check_thread("sessions")      # the loop changes the dict meanwhile
-        return iter([s for s in self.sessions_by_id.values() if not s._closed])
+        return [s for s in self.sessions_by_id.values() if not s._closed]

@@ -246,7 +246,7 @@ def on_start(server):
     server.call_later(0, _note, "timer from on_start")
 
 def on_stop(server):
-    _note(f"stop {{sum(1 for _ in server.sessions())}} open")
+    _note(f"stop {{len(server.sessions())}} open")
 
 def handle_request(s):
     s.response = "pong"
