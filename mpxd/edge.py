@@ -244,6 +244,8 @@ class Edge:
             loop.reload_hooks.append(self.tls.reload)
             self.tls.warns_of_expiry = warn
             if warn:                # a certificate expiring while the daemon runs
+                if problem := self.tls.unreloadable():
+                    log.warning("%s", problem)
                 self.tls.check_expiry()
                 core.call_every(EXPIRY_CHECK_INTERVAL, self.tls.check_expiry)
         for fd, sock in loop.listeners.items():

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import grp
+import logging
 import os
 import pwd
 
-__all__ = ["PrivilegeError", "drop_privileges", "ids_of"]
+__all__ = ["PrivilegeError", "drop_privileges", "ids_of", "unreadable_python", "user_name"]
+
+
+log = logging.getLogger("mpxd")
 
 
 class PrivilegeError(Exception):
     """The user or group is unknown, or the ids cannot be changed."""
 
 
-def drop_privileges(user: str | None, group: str | None) -> None:
+def drop_privileges(user: str | None, group: str | None, warn: bool = True) -> None:
     """Become ``user`` (and ``group``, default: the user's primary group).
 
     Sets real, effective and saved ids, so that handler code can never get
     root back, and the supplementary groups (the user's, or just ``group``).
     Raises ``PrivilegeError`` for an unknown name or when not running as root.
+    ``warn``: say if the user cannot read Python's own library (``--workers``
+    after the first do not repeat it).
     """
     if not user and not group:
         return
@@ -40,6 +46,33 @@ def drop_privileges(user: str | None, group: str | None) -> None:
     if entry is not None:
         os.environ["HOME"] = entry.pw_dir
         os.environ["USER"] = os.environ["LOGNAME"] = entry.pw_name
+    if warn and (problem := unreadable_python()):
+        log.warning("%s", problem)
+
+
+def user_name() -> str:
+    """The name of the user this process runs as (its number if it has none)."""
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def unreadable_python() -> str | None:
+    """Why this process cannot import from Python's own library any more, if so.
+
+    A Python installed in root's home (pyenv, a virtual environment under
+    /root) works for root; after ``--user`` every module not imported yet
+    fails to import: the script's, and those Python imports lazily itself.
+    """
+    library = os.path.dirname(os.__file__)
+    if os.access(library, os.R_OK | os.X_OK):
+        return None
+    return (f"user {user_name()} cannot read Python's standard library in {library}: "
+            f"modules not imported yet will fail to import; run mpxd with a Python "
+            f"that user can read (the system's python3, or a virtual environment "
+            f"outside root's home)")
 
 
 def ids_of(user: str | None, group: str | None) -> tuple[int, int] | None:

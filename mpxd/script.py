@@ -22,13 +22,13 @@ import itertools
 import keyword
 import logging
 import os
-import pwd
 import sys
 import traceback
 import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from .privileges import unreadable_python, user_name
 from .signals import StopDuringImport, signal_handlers_kept
 
 log = logging.getLogger("mpxd")
@@ -159,14 +159,6 @@ def _end_a_forked_child(pid: int, path: str, status: int) -> None:
     os._exit(status)
 
 
-def _user_name() -> str:
-    uid = os.geteuid()
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
 def _describe_exception(path: str, exc: BaseException) -> str:
     """One line naming where in the script an exception at import came from."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
@@ -194,6 +186,8 @@ def _hint(exc: BaseException, path: str) -> str:
     if isinstance(exc, ImportError) and "relative import" in str(exc):
         return (" (a script is no package's module: import helpers beside it "
                 "absolutely, as 'from helpers import ...'; its directory is importable)")
+    if isinstance(exc, ModuleNotFoundError) and (problem := unreadable_python()):
+        return f" ({problem})"      # installed, but not for the user of --user
     if isinstance(exc, ModuleNotFoundError) and exc.name and "." not in exc.name:
         # The classic: installed for another Python than the one running mpxd.
         return (f" (not installed for the Python that runs mpxd, {sys.executable}: "
@@ -222,7 +216,7 @@ def load_script(path: str, interruptible: bool = True) -> Handlers:
         raise ScriptError(f"{path}: is a directory, not a Python file") from None
     except PermissionError as e:
         # After --user the script is read as that user: say which one.
-        raise ScriptError(f"{path}: cannot read as user {_user_name()}: "
+        raise ScriptError(f"{path}: cannot read as user {user_name()}: "
                           f"{e.strerror}") from None
     except OSError as e:
         raise ScriptError(f"{path}: cannot read: {e.strerror}") from None

@@ -32,8 +32,9 @@ import ssl
 from typing import TYPE_CHECKING, Any, Callable
 
 from .core import format_peer
-from .logs import BurstLog
 from .listeners import ListenError
+from .logs import BurstLog
+from .privileges import user_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from .loop import Loop
@@ -66,11 +67,17 @@ class TLSSetupError(ListenError):
     """The TLS certificate, key or CA file cannot be used; the message says why."""
 
 
+def _files(cert: str, key: str | None, ca: str | None) -> list[tuple[str, str]]:
+    return [(what, path) for what, path in (("certificate", cert), ("key", key),
+                                            ("CA file", ca)) if path is not None]
+
+
 def make_context(cert: str, key: str | None, ca: str | None) -> ssl.SSLContext:
     """A server context: TLS 1.2 or later, no renegotiation, client certs if ``ca``."""
-    for what, path in (("certificate", cert), ("key", key), ("CA file", ca)):
-        if path is not None and not os.access(path, os.R_OK):
-            raise TLSSetupError(f"cannot read TLS {what} {path}")
+    for what, path in _files(cert, key, ca):
+        if not os.access(path, os.R_OK):
+            who = "" if os.geteuid() == 0 else f" as user {user_name()}"
+            raise TLSSetupError(f"cannot read TLS {what} {path}{who}")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
@@ -145,8 +152,13 @@ def certificate_expiry(path: str) -> datetime.datetime | None:
         if tag == 0x17:                             # UTCTime, YYMMDDHHMMSSZ
             year = int(text[:2])
             text = ("19" if year >= 50 else "20") + text
-        return datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(
-            tzinfo=datetime.timezone.utc)
+        # By hand, not with strptime: that imports a module on first use,
+        # which fails after --user if the user cannot read Python's library.
+        if len(text) != 15 or not text.endswith("Z"):
+            return None
+        fields = [int(text[i:j]) for i, j in ((0, 4), (4, 6), (6, 8), (8, 10), (10, 12),
+                                              (12, 14))]
+        return datetime.datetime(*fields, tzinfo=datetime.timezone.utc)
     except (OSError, ValueError, IndexError):
         return None                                 # not ours to judge: OpenSSL took it
 
@@ -255,6 +267,16 @@ class TLSServer:
         log.info("reloaded TLS certificate %s", self.cert)
         if self.warns_of_expiry:
             self.check_expiry()
+        return None
+
+    def unreloadable(self) -> str | None:
+        """Why a HUP could not read the files again (after ``--user``), if so."""
+        for what, path in _files(self.cert, self.key, self.ca):
+            if not os.access(path, os.R_OK):
+                return (f"TLS {what} {path} is not readable by user {user_name()}, which "
+                        f"mpxd runs as now: a HUP cannot load a renewed certificate; make "
+                        f"it readable by that user or group (e.g. chgrp ssl-cert KEY; "
+                        f"chmod 640 KEY; mpxd --group ssl-cert), or restart mpxd to renew")
         return None
 
     def check_expiry(self) -> None:

@@ -543,7 +543,7 @@ def _serve_as_worker(config: Config, number: int, status_fd: int,
                                              reuse_port=True, warn=False)
         edge = Edge.open(config)        # TLS files, rules, limits: per worker
         prepare_listeners(listeners, config.keepalive)
-        drop_privileges(config.user, config.group)
+        drop_privileges(config.user, config.group, warn=number == 1)
         _die_with_parent(parent)
         with wakeup.interrupting():
             handlers = load_script(config.script, interruptible=False)

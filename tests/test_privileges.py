@@ -168,8 +168,9 @@ def test_check_with_user_validates_as_that_user(tmp_path, shared_dir):
 
     refused = check("--user", "nobody", str(script))
     assert refused.returncode == 1
-    assert refused.stderr == f"Error: {script}: cannot read as user nobody: " \
-                             f"Permission denied\n"
+    # (Ending the output: the Python here may warn that nobody cannot read it.)
+    assert refused.stderr.endswith(f"Error: {script}: cannot read as user nobody: "
+                                   f"Permission denied\n")
     assert check(str(script)).returncode == 0                   # root may read it
     assert check("--user", "nobody", readable).returncode == 0
     unknown = check("--user", "no-such-user-here", readable)
@@ -224,6 +225,56 @@ def test_asking_for_the_user_we_already_are_is_fine():
         print("still", os.getresuid())
     """)
     assert child.stdout == f"still {(NOBODY.pw_uid,) * 3}\n", child.stderr
+
+
+def test_a_python_the_user_cannot_read_is_named_not_called_missing(tmp_path, shared_dir):
+    # pyenv under /root: after --user every module not imported yet failed,
+    # an import in the script said "not installed ... pip install it", and
+    # TLS start-up died with a traceback (time.strptime imports lazily).
+    library = tmp_path / "private" / "lib"
+    library.mkdir(parents=True)
+    (tmp_path / "private").chmod(0o700)
+    script = os.path.join(shared_dir, "script.py")
+    with open(script, "w") as f:
+        f.write("import no_such_module_here\n")
+    os.chmod(script, 0o644)
+    child = in_child(f"""
+        import logging
+        logging.basicConfig(format="%(levelname)s %(message)s")
+        os.__file__ = {str(library / "os.py")!r}           # as if Python lived there
+        import mpxd.core                                   # as the daemon has, by then
+        from mpxd.script import ScriptError, load_script
+        drop_privileges("nobody", None)
+        try:
+            load_script({script!r})
+        except ScriptError as e:
+            print(e)
+    """)
+    warning = (f"user nobody cannot read Python's standard library in {library}: modules "
+               f"not imported yet will fail to import; run mpxd with a Python that user "
+               f"can read")
+    assert child.stderr.startswith("WARNING " + warning), child.stderr
+    assert f"No module named 'no_such_module_here' ({warning}" in child.stdout
+    assert "pip" not in child.stdout
+
+
+def test_tls_files_a_hup_cannot_read_after_the_switch_are_said_at_start(mpxd, shared_dir):
+    # Every HUP failed with "cannot read TLS key": the key is root's (0600),
+    # as the README advised, and mpxd runs as nobody by then.
+    cert, key = os.path.join(shared_dir, "cert.pem"), os.path.join(shared_dir, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+                    "-subj", "/CN=localhost", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    os.chmod(key, 0o600)
+    m = mpxd(["--port", "0", "--host", "127.0.0.1", "--user", "nobody", "--tls-cert", cert,
+              "--tls-key", key, os.path.join(shared_dir, "handler.py")])
+    m.wait_listening()
+    m.wait_for(rf"WARNING TLS key {key} is not readable by user nobody, which mpxd runs "
+               r"as now: a HUP cannot load a renewed certificate")
+    m.signal(signal.SIGHUP)
+    m.wait_for(rf"TLS reload failed, still using the previous certificate: cannot read TLS "
+               rf"key {key} as user nobody")
+    assert m.stop() == 0
 
 
 def test_usr1_under_workers_makes_a_log_file_the_workers_can_write(shared_dir):
