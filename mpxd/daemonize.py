@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+from typing import NoReturn
 
 __all__ = ["Detached", "detach", "start_failed"]
 
@@ -73,24 +75,13 @@ def detach(stdio_fd: int | None = None) -> Detached:
     child = os.fork()
     if child > 0:                           # the command the operator ran
         os.close(write_fd)
-        os.waitpid(child, 0)                # the session leader exits at once
-        # Up to the report's newline, or EOF if the daemon died: a process
-        # the daemon forked may hold the pipe open long after the report.
-        report = b""
-        while not report.endswith(b"\n") and (chunk := os.read(read_fd, 4096)):
-            report += chunk
-        report = report.decode("utf-8", "replace").rstrip("\n")
-        if report == "ok":
-            os._exit(0)
-        message = report[len("error "):] if report.startswith("error ") else \
-            "the daemon exited during start-up"
-        sys.stderr.write(f"Error: {message}\n")
-        sys.stderr.flush()
-        os._exit(1)
+        _wait_for_the_daemon(read_fd, child)
     os.close(read_fd)
     os.setsid()
     if os.fork() > 0:                       # the session leader steps aside
         os._exit(0)
+    # First of all, the launcher learns who the daemon is (to pass a ^C on).
+    os.write(write_fd, f"pid {os.getpid()}\n".encode())
     os.chdir("/")
     os.umask(0o022)
     _close_inherited_descriptors()
@@ -100,6 +91,51 @@ def detach(stdio_fd: int | None = None) -> Detached:
         os.dup2(null if stdio_fd is None else stdio_fd, stdio)
     os.close(null)
     return Detached(write_fd)
+
+
+def _wait_for_the_daemon(read_fd: int, child: int) -> NoReturn:
+    """The launcher: wait for the daemon's report; exit 0 (it listens) or 1.
+
+    A ^C (or TERM) meanwhile is passed on to the daemon, which then stops
+    before it serves, as the operator meant: it used to make the launcher
+    say "Aborted!" and exit 1 while the daemon went on starting.
+    """
+    daemon: list[int] = []
+    interrupted: list[int] = []
+
+    def pass_on(signum: int, frame: object) -> None:
+        interrupted.append(signum)
+        if daemon:
+            os.kill(daemon[0], signal.SIGTERM)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, pass_on)
+    os.waitpid(child, 0)                    # the session leader exits at once
+    # Lines up to the report, or EOF if the daemon died: a process the
+    # daemon forked may hold the pipe open long after the report.
+    pending, report = b"", ""
+    while not report and (chunk := os.read(read_fd, 4096)):
+        pending += chunk
+        while b"\n" in pending and not report:
+            line, pending = pending.split(b"\n", 1)
+            text = line.decode("utf-8", "replace")
+            if text.startswith("pid ") and not daemon:
+                daemon.append(int(text[len("pid "):]))
+                if interrupted:             # before the pid came: pass it on now
+                    os.kill(daemon[0], signal.SIGTERM)
+            else:
+                report = text
+    if report == "ok" and not interrupted:
+        os._exit(0)
+    if report == "ok":
+        message = f"interrupted as the daemon (pid {daemon[0]}) began to serve: it stops now"
+    elif report.startswith("error "):
+        message = report[len("error "):]
+    else:
+        message = "the daemon exited during start-up"
+    sys.stderr.write(f"Error: {message}\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _close_inherited_descriptors() -> None:

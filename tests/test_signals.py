@@ -21,7 +21,7 @@ import pexpect
 import pytest
 
 from conftest import HANDLERS, MPXD, ROOT, LineClient, wait_until
-from spawn import mpxd  # noqa: F401 - a fixture
+from spawn import mpxd, pid_gone  # noqa: F401 - a fixture
 from mpxd.signals import StopDuringImport, Wakeup
 
 # VERSION is what HUP tests change; s.handle counts this session's requests.
@@ -654,6 +654,24 @@ def test_a_daemon_stopped_during_start_up_fails_its_launcher(mpxd, tmp_path):
     os.kill(int(pidfile.read_text()), signal.SIGTERM)
     assert launcher.wait(timeout=5) == 1
     assert "Error: SIGTERM during start-up: stopped before serving" in launcher.stderr()
+    assert not pidfile.exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_c_to_the_waiting_launcher_stops_the_daemon_too(mpxd, tmp_path, signum):
+    # The launcher said "Aborted!" and exited 1, and the daemon went on to
+    # serve: an init script saw a failure, and its retry "another mpxd".
+    script, marker = slow_script(tmp_path)
+    pidfile = tmp_path / "mpxd.pid"
+    launcher = mpxd(["--daemon", "--port", "0", "--host", "127.0.0.1",
+                     "--pidfile", str(pidfile), script])
+    wait_for_marker(marker, "importing")
+    daemon_pid = int(pidfile.read_text())
+    launcher.signal(signum)
+    assert launcher.wait(timeout=5) == 1
+    assert launcher.stderr().endswith(
+        "\nError: SIGTERM during start-up: stopped before serving\n")
+    assert wait_until(lambda: pid_gone(daemon_pid), timeout=5)
     assert not pidfile.exists()
 
 
