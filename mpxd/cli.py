@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -65,10 +66,27 @@ class _Command(click.Command):
             ctx, param = e.ctx, e.param
             if ctx is not None and param is not None and param.name and \
                     ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT:
-                name = param.envvar if isinstance(param.envvar, str) \
-                    else f"MPXD_{param.name.upper()}"
-                e.param_hint = f"{name} (from the environment)"
+                e.param_hint = f"{_envvar(param)} (from the environment)"
             raise
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            # "--unix and --control cannot be used with --workers": say which
+            # of the options it names nobody typed.
+            from_env = [f"{opt} from {_envvar(param)}" for param in self.params
+                        if isinstance(param, click.Option) and param.name
+                        and ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT
+                        for opt in param.opts if opt.startswith("--")
+                        and re.search(re.escape(opt) + r"\b", e.message)]
+            if from_env:
+                e.message += f" ({', '.join(from_env)} in the environment)"
+            raise
+
+
+def _envvar(param: click.Parameter) -> str:
+    return param.envvar if isinstance(param.envvar, str) else f"MPXD_{(param.name or '').upper()}"
 
 
 @click.command(cls=_Command,

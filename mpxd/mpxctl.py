@@ -133,7 +133,7 @@ def daemon_pid(pidfile: str) -> int:
         holder = _lock_holder(fd)
         if holder is None:
             raise Unreachable(f"mpxd is not running (nobody holds {pidfile}; "
-                              f"it names pid {text or 'nothing'})")
+                              + (f"it names pid {text})" if text else "it is empty)"))
     finally:
         os.close(fd)
     if text.isdigit():

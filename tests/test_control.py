@@ -355,6 +355,10 @@ def test_mpxctl_reports_a_stale_pidfile_as_not_running(tmp_path):
     pidfile.write_text(f"{os.getpid()}\n")            # a live pid, but no lock
     result = mpxctl("stop", "--pidfile", str(pidfile))
     assert result.returncode == 3 and "not running" in result.stderr
+    assert f"it names pid {os.getpid()})" in result.stderr
+    pidfile.write_text("")                  # emptied at exit by a daemon under --user
+    result = mpxctl("status", "--pidfile", str(pidfile))
+    assert result.returncode == 3 and result.stderr.endswith("; it is empty)\n")
 
 
 def test_mpxctl_tells_a_dead_socket_from_a_path_that_is_no_socket(tmp_path):

@@ -589,6 +589,19 @@ def test_a_bad_value_from_the_environment_is_named_as_such(monkeypatch):
     assert "Invalid value for '--port' / '-p': 'abc'" in result.output
 
 
+def test_a_usage_error_names_the_options_that_came_from_the_environment(monkeypatch):
+    # "--unix and --control cannot be used with --workers", when only the
+    # env file said MPXD_WORKERS=2.
+    monkeypatch.setenv("MPXD_WORKERS", "2")
+    result = run_cli("--unix", "/tmp/mpxd-test-never-bound.sock", COUNTER)
+    assert result.exit_code == 2
+    assert ("Error: --unix and --control cannot be used with --workers (--workers from "
+            "MPXD_WORKERS in the environment)") in result.output
+    monkeypatch.delenv("MPXD_WORKERS")
+    result = run_cli("--workers", "2", "--unix", "/tmp/mpxd-test-never-bound.sock", COUNTER)
+    assert result.output.rstrip().endswith("cannot be used with --workers")
+
+
 def test_mpxd_host_from_the_environment(tmp_path):
     env = dict(os.environ, MPXD_HOST="127.0.0.1", MPXD_PORT="0")
     child = subprocess.Popen([*MPXD, COUNTER], stderr=subprocess.PIPE, text=True,
