@@ -14,26 +14,37 @@ most 10) stand in for a slow server.  A blocking call in a handler would stall e
 connection, so the handler hands it to ``mpxd.run_in_thread`` and returns at
 once with no response; the loop goes on serving everyone else.  When the
 lookup is done, ``then`` runs on the loop thread and sends the answer with
-``send_response``.
+``send_response``.  The lookups of all clients share mpxd's worker threads
+(``--threads``, default 4): while they are all busy with slow lookups, the
+next lookups wait their turn, whoever sent them (other commands do not).
 
 Answers go out in the order of the requests, even when a later lookup
 finishes first: each request takes a slot in its session's queue, and
-finished slots are sent from the front only.  At most 16 lookups per
-connection are in flight; more get "ERROR too many lookups in flight".
+finished slots are sent from the front only.  STATS is answered as it stood
+when the request came.  At most 16 lookups per connection are in flight;
+more get "ERROR too many lookups in flight".  The queue itself is this
+script's, not mpxd's output, so mpxd's output limits do not bound it: a
+client that sends requests faster than its lookups finish gets "ERROR too
+many requests waiting" once 256 are queued, and is disconnected after the
+answers before it.
 
-A client may hang up before its answer is ready.  ``then`` still runs; it
-sees ``s.closed`` and drops the answer (counted as abandoned in STATS).
-``send_response`` on a closed session would also just return False: the
-session is never touched from the worker thread, only from ``then``.
+A client may go away before its answer is ready.  ``then`` still runs; it
+sees ``s.closed`` and drops the answer (counted as abandoned in STATS).  A
+client that only half-closes (EOF, as ``nc -N`` does) still gets its
+answers: mpxd keeps a session open while a ``run_in_thread`` job of its
+handler runs.  ``send_response`` on a closed session would also just return
+False: the session is never touched from the worker thread, only from
+``then``.
 """
 
 import socket
 import time
 from collections import deque
 
-from mpxd import run_in_thread, send_response
+from mpxd import close_session, run_in_thread, send_response
 
 MAX_IN_FLIGHT = 16
+MAX_WAITING = 256       # answers queued per connection, lookups in flight included
 MAX_DELAY = 10          # seconds; each delayed lookup holds one of --threads meanwhile
 
 stats = {"lookups": 0, "answered": 0, "abandoned": 0}
@@ -41,7 +52,15 @@ stats = {"lookups": 0, "answered": 0, "abandoned": 0}
 
 def handle_request(s):
     if s.handle is None:
-        s.handle = deque()              # [answer or None] per request, oldest first
+        # queue: [answer or None] per request, oldest first
+        s.handle = {"queue": deque(), "in_flight": 0, "closing": False}
+    state = s.handle
+    if state["closing"]:
+        return                          # disconnected once its answers are out
+    if len(state["queue"]) >= MAX_WAITING:
+        state["closing"] = True
+        _answer(s, ["ERROR too many requests waiting"])
+        return
     words = s.request.split()
     if not words:
         return
@@ -60,11 +79,12 @@ def handle_request(s):
         if not 0 <= delay <= MAX_DELAY:     # also refuses nan: a thread is held that long
             _answer(s, [f"ERROR delay must be between 0 and {MAX_DELAY} seconds"])
             return
-        if sum(1 for slot in s.handle if slot[0] is None) >= MAX_IN_FLIGHT:
+        if state["in_flight"] >= MAX_IN_FLIGHT:
             _answer(s, ["ERROR too many lookups in flight"])
             return
         slot = [None]
-        s.handle.append(slot)
+        state["queue"].append(slot)
+        state["in_flight"] += 1
         stats["lookups"] += 1
         run_in_thread(_resolve, host, delay,
                       then=lambda result: _resolved(s, slot, host, result))
@@ -91,6 +111,7 @@ def _resolved(s, slot, host, result):
         stats["abandoned"] += 1
         return
     stats["answered"] += 1
+    s.handle["in_flight"] -= 1
     if isinstance(result, socket.gaierror):
         slot[0] = f"ERROR {host}: {result.strerror}"
     elif isinstance(result, BaseException):
@@ -102,13 +123,15 @@ def _resolved(s, slot, host, result):
 
 def _answer(s, slot):
     """An immediate answer, queued behind lookups still in flight."""
-    s.handle.append(slot)
+    s.handle["queue"].append(slot)
     _flush(s)
 
 
 def _flush(s):
     """Send the finished answers at the front of ``s``'s queue, in order."""
-    queue = s.handle
+    queue = s.handle["queue"]
     while queue and queue[0][0] is not None:
         s.response = queue.popleft()[0]
         send_response(s)
+    if not queue and s.handle["closing"]:
+        close_session(s)

@@ -310,6 +310,39 @@ def test_lookup_answers_in_request_order_when_a_later_one_finishes_first(
                        "lookups 2 answered 0 abandoned 0 in-flight 2"]
 
 
+def test_lookup_bounds_what_a_client_queues_behind_a_slow_lookup(lookup, monkeypatch):
+    # Answers waiting behind a pending lookup are the script's, not mpxd's
+    # output, so no output limit applied: one client grew mpxd by 300 MiB,
+    # and counting the lookups in flight walked the whole queue per request.
+    import threading
+    release = threading.Event()
+
+    def fake_resolve(host, delay):
+        assert release.wait(5)
+        return ["192.0.2.1"]
+
+    monkeypatch.setattr(lookup.module, "_resolve", fake_resolve)
+    c = lookup.connect()
+    assert c.send(["RESOLVE slow.example"] + ["STATS"] * 300) == []
+    release.set()
+    lookup.run_threads()
+    answers = c.new()
+    assert answers[0] == "slow.example 192.0.2.1"
+    assert answers[1:256] == ["lookups 1 answered 0 abandoned 0 in-flight 1"] * 255
+    assert answers[256:] == ["ERROR too many requests waiting"]
+    assert c.closed                     # once the answers before it were out
+
+
+def test_lookup_counts_lookups_in_flight_as_they_finish(lookup, monkeypatch):
+    monkeypatch.setattr(lookup.module, "_resolve", lambda host, delay: ["192.0.2.1"])
+    c = lookup.connect()
+    for _ in range(3):                  # 48 lookups, never more than 16 at once
+        assert c.send(["RESOLVE x"] * 16) == []
+        lookup.run_threads()
+        assert c.new() == ["x 192.0.2.1"] * 16
+    assert c.send("STATS") == ["lookups 48 answered 48 abandoned 0 in-flight 0"]
+
+
 def test_lookup_reports_failures_and_usage(lookup, monkeypatch):
     import socket
 
