@@ -50,9 +50,9 @@ __all__ = [
 ]
 
 
-def _core():
+def _core(any_thread: bool = False):
     from .core import current_core
-    return current_core()
+    return current_core(any_thread)
 
 
 def call_later(delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
@@ -73,7 +73,7 @@ def call_every(interval: float, fn: Callable[..., Any], *args: Any) -> Timer:
     The first run is one interval from now.  Runs keep to the original
     schedule; runs missed while the loop was busy are skipped, not bunched.
     A run that raises is logged and the timer goes on.  ``ValueError`` if
-    ``interval`` is not above 0.
+    ``interval`` is below 0.001 (no loop passes faster).
     """
     return _core().call_every(interval, fn, *args)
 
@@ -100,7 +100,7 @@ def call_soon_threadsafe(fn: Callable[..., Any], *args: Any) -> None:
     For threads the handler started itself (``run_in_thread`` needs no
     help).  Wakes the loop through the same socketpair as signals.
     """
-    _core().call_soon_threadsafe(fn, *args)
+    _core(any_thread=True).call_soon_threadsafe(fn, *args)
 
 
 def sessions() -> list[Session]:

@@ -50,6 +50,7 @@ CHECKED_REQUESTS = 1000
 STALL_CHECK = 1.0
 
 _current: Core | None = None
+_importing_over: Core | None = None     # the core serving while a HUP imports
 
 
 # Where mpxd's own frames come from: the package, and the thread pool's module.
@@ -100,8 +101,15 @@ def check_job(fn: Any, then: Any) -> None:
         check_callable(then, "run_in_thread's then")
 
 
-def current_core() -> Core:
-    """The core whose handler code is running (for ``mpxd.call_later`` & co)."""
+def current_core(any_thread: bool = False) -> Core:
+    """The core whose handler code is running (for ``mpxd.call_later`` & co).
+
+    ``any_thread``: for ``call_soon_threadsafe`` from the script's own
+    threads, which go on while a HUP imports the new version (when no core
+    is current, so that the import itself is refused as at start-up).
+    """
+    if _current is None and any_thread and _importing_over is not None:
+        return _importing_over
     if _current is None:
         raise RuntimeError("no mpxd server runs this code: call this from a "
                            "handler, or at start-up from on_start(server) (on a "
@@ -118,6 +126,9 @@ def format_peer(peer: Any) -> str:
 
 
 SHOWN_REQUEST = 200     # characters of a request quoted in a log line
+# call_every's shortest interval: no loop passes faster, and below it a float
+# clock can stop moving (now + 1e-300 == now made the timer run for ever).
+MIN_INTERVAL = 0.001
 
 
 def shown_request(line: str) -> str:
@@ -312,6 +323,8 @@ class Core:
                 self._handle_lines(s, lines)
         if s._held is None and not s._jobs:
             self.request_close(s, "eof")
+        else:
+            self.dirty.append(s)        # the edge stops reading it: nothing more comes
 
     def connection_lost(self, s: Session, reason: str) -> None:
         """The connection broke (reset, write error): drop its output."""
@@ -349,8 +362,9 @@ class Core:
 
     @staticmethod
     def wants_input(s: Session) -> bool:
-        """Whether the edge should read ``s``: not while paused, closing or closed."""
-        return not (s._paused or s._closing or s._finished)
+        """Whether the edge should read ``s``: not while paused, closing or
+        closed, nor after EOF (its ``run_in_thread`` jobs may keep it open)."""
+        return not (s._paused or s._closing or s._finished or s._eof)
 
     def finish(self, s: Session) -> None:
         """The edge closed ``s``'s connection: run ``handle_close`` once, log it."""
@@ -677,15 +691,18 @@ class Core:
         if delay != delay:          # nan: due never and always; the heap cannot order it
             raise ValueError("call_later needs a delay in seconds, not nan")
         check_callable(fn, "call_later")
-        return self.timers.add(self.now + max(0.0, delay), fn, args)
+        # From the clock, not from the pass's start (self.now): a handler or
+        # on_start that took a while before this call would shorten the delay.
+        return self.timers.add(self.clock() + max(0.0, delay), fn, args)
 
     def call_every(self, interval: float, fn: Callable[..., Any], *args: Any) -> Timer:
         self.check_thread("call_every")
         interval = as_seconds(interval, "call_every needs an interval above 0")
-        if not interval > 0:
-            raise ValueError(f"call_every needs an interval above 0, not {interval!r}")
+        if not interval >= MIN_INTERVAL:
+            raise ValueError(f"call_every needs an interval of at least {MIN_INTERVAL:g}s, "
+                             f"not {interval!r}")
         check_callable(fn, "call_every")
-        return self.timers.add(self.now + interval, fn, args, interval)
+        return self.timers.add(self.clock() + interval, fn, args, interval)
 
     def next_deadline(self) -> float | None:
         return self.timers.next_deadline()

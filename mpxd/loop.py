@@ -376,7 +376,7 @@ class Loop:
             buf = None
         s._wbuf = buf
         s._woff = offset
-        if s._closing or s._paused:         # the core decides what comes next
+        if s._closing or s._paused or s._eof:   # the core decides what comes next
             if self.core.after_write(s, buf is not None):
                 self._close(s)
                 return

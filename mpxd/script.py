@@ -125,6 +125,7 @@ def _run_without_a_server(code: types.CodeType, module: types.ModuleType) -> Non
     """
     from . import core          # core imports this module: not at the top
     running, core._current = core._current, None
+    core._importing_over = running     # its script's threads may still hand work over
     pid = os.getpid()
     try:
         with signal_handlers_kept(module.__file__, "at import"):
@@ -134,6 +135,7 @@ def _run_without_a_server(code: types.CodeType, module: types.ModuleType) -> Non
         raise
     finally:
         core._current = running
+        core._importing_over = None
     _end_a_forked_child(pid, module.__file__, 0)
 
 

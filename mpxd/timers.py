@@ -116,6 +116,10 @@ class TimerHeap:
                 self._dead -= 1
                 timer._heap = None
                 continue
+            due.append(timer)
+        # Pushed back once all due ones are out, so that this ends even for an
+        # interval too small to move a float clock (now + interval == now).
+        for timer in due:
             if timer.interval is not None:
                 # Keep to the original schedule; after a stall longer than
                 # one interval, skip the missed runs instead of bunching them.
@@ -126,7 +130,6 @@ class TimerHeap:
                 heapq.heappush(heap, timer)
             else:
                 timer._heap = None      # out of the heap: a late cancel counts nothing
-            due.append(timer)
         for timer in due:
             if not timer.cancelled:
                 run(timer)

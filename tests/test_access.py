@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import wait_until
+from conftest import cpu_seconds, wait_until
 from mpxd.access import AccessRules, AddressLimit, RateLimit, parse_network, refusal_log
 from mpxd.framing import LineFramer
 
@@ -347,12 +347,6 @@ def test_max_rate_reads_slowly_and_drops_nothing(mpxd, handler):  # noqa: F811
     assert d.stop() == 0
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_a_held_back_session_whose_client_left_costs_no_cpu(mpxd, tmp_path):  # noqa: F811
     # Poll reports a hangup whatever the mask: a session held back by
     # --max-rate whose unix client had closed (or whose TCP client reset)
@@ -369,8 +363,8 @@ def test_a_held_back_session_whose_client_left_costs_no_cpu(mpxd, tmp_path):  # 
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(path)
         sock.sendall(b"fire and forget\n" * 60)     # 3 s of lines at 20 a second
-    before = _cpu_seconds(d.pid)
+    before = cpu_seconds(d.pid)
     time.sleep(1.5)
-    assert _cpu_seconds(d.pid) - before < 0.5       # spinning took all 1.5 s
+    assert cpu_seconds(d.pid) - before < 0.5       # spinning took all 1.5 s
     d.wait_for(r"closed: \w+, [\d.]+s, 60 requests", timeout=10)   # none dropped
     assert d.stop() == 0

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from conftest import MPXD, wait_until
+from conftest import MPXD, LineClient, cpu_seconds, wait_until
+from spawn import mpxd  # noqa: F401 - a fixture
 
 THREAD_SCRIPT = """
 import threading, time
@@ -99,11 +100,69 @@ def test_a_job_holds_a_half_closed_session_open_until_then_answers(daemon, write
     d.expect_log(r"closed: eof, [\d.]+s, 2 requests")
 
 
+def test_a_half_closed_session_waiting_for_its_job_costs_no_cpu(daemon, write_script):
+    # Its socket, at EOF, stayed in the poll set for reading: every poll
+    # returned at once, 100% CPU for as long as the job ran (for ever, if it hung).
+    d = daemon(write_script(THREAD_SCRIPT))
+    c = d.connect()
+    c.send_lines("sleep 1.5")
+    c.shutdown_write()
+    time.sleep(0.2)
+    before = cpu_seconds(d.pid)
+    time.sleep(1)
+    assert cpu_seconds(d.pid) - before < 0.3
+    assert c.read_all().decode() == "result slept on loop\n"
+    d.expect_log(r"closed: eof, [\d.]+s, 1 requests")
+
+
 def test_call_soon_threadsafe_from_a_thread_the_handler_started(daemon, write_script):
     d = daemon(write_script(THREAD_SCRIPT))
     c = d.connect()
     assert c.ask("own-thread") == "thread started"
     assert c.readline() == "from my thread on loop"
+
+
+POLLER = """
+import threading, time
+from mpxd import call_soon_threadsafe
+{slow}
+state = {{"count": 0}}
+
+def bump():
+    state["count"] += 1
+
+def poll():
+    while True:
+        call_soon_threadsafe(bump)      # from a thread of the script's own
+        time.sleep(0.01)
+
+def on_start(server):
+    threading.Thread(target=poll, name="poller", daemon=True).start()
+
+def on_reload(old):
+    global state
+    state = old.state                   # the thread goes on bumping the same dict
+
+def handle_request(s):
+    s.response = str(state["count"])
+"""
+
+
+def test_call_soon_threadsafe_works_while_a_hup_imports_the_new_version(
+        mpxd, write_script):  # noqa: F811
+    # "From any thread" failed for the import's duration: no core was
+    # current, and the script's thread got a RuntimeError and died.
+    path = write_script(POLLER.format(slow=""))
+    d = mpxd(["--port", "0", "--host", "127.0.0.1", path])
+    c = LineClient(("127.0.0.1", d.wait_listening()))
+    assert wait_until(lambda: int(c.ask("x")) > 5)
+    write_script(POLLER.format(slow="time.sleep(0.5)      # a heavy import"))
+    d.signal(signal.SIGHUP)
+    d.wait_for(r"reloaded ")
+    before = int(c.ask("x"))
+    assert wait_until(lambda: int(c.ask("x")) > before + 5)   # the thread lives on
+    assert "failed" not in d.log(), d.log()
+    assert d.stop() == 0
 
 
 def test_a_stop_is_not_held_up_by_a_job_that_never_returns(daemon, write_script):

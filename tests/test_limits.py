@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from conftest import HANDLERS, MPXD, ROOT, wait_until
+from conftest import HANDLERS, MPXD, ROOT, cpu_seconds, wait_until
 
 COUNTER = os.path.join(HANDLERS, "counter.py")
 ECHO = os.path.join(HANDLERS, "echo.py")
@@ -85,9 +85,7 @@ class LoggedDaemon:
 
     def cpu_seconds(self) -> float:
         """User and system CPU time the daemon has used so far."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
     def connect(self, timeout: float = 10, rcvbuf: int | None = None) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

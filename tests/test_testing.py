@@ -1024,6 +1024,30 @@ def test_the_api_refuses_wrong_arguments_when_called_not_when_run(harness, call,
     assert h.errors == [] and c.new() == []
 
 
+def test_a_run_in_thread_refused_from_a_foreign_thread_is_no_job_to_wait_for(harness):
+    # The harness tracked the job before the core refused it: every later
+    # run_threads() then timed out waiting for a job that never existed.
+    h = harness("""
+import threading
+import mpxd
+
+def handle_request(s):
+    refused = []
+    def elsewhere():
+        try:
+            mpxd.run_in_thread(print)
+        except RuntimeError as e:
+            refused.append(e)
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    s.response = f"refused {len(refused)}"
+""")
+    c = h.connect()
+    assert c.send("x") == ["refused 1"]
+    h.run_threads(timeout=2)            # nothing to wait for, as in the daemon
+
+
 def test_any_number_is_a_delay(harness):
     h = harness(MISUSED_API)
     c = h.connect()

@@ -8,6 +8,7 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mpxd.testing import Harness
 from mpxd.timers import TimerHeap
 
 from conftest import wait_until
@@ -91,6 +92,30 @@ def test_a_repeating_timer_skips_runs_missed_during_a_stall():
     heap.add(1.0, lambda: "tick", (), 1.0)
     assert _run(heap, 5.5) == ["tick"]          # once, not five times
     assert heap.next_deadline() == 6.5
+
+
+def test_run_due_ends_even_when_the_interval_cannot_move_the_clock():
+    # now + 1e-300 == now: the timer was pushed back due, and run_due ran it
+    # for ever; the daemon served nobody and ignored TERM.
+    heap = TimerHeap()
+    heap.add(524.0, lambda: "tick", (), 1e-300)
+    assert _run(heap, 524.0) == ["tick"]        # once per pass, then the loop goes on
+
+
+def test_call_every_refuses_an_interval_below_a_millisecond(tmp_path):
+    script = tmp_path / "every.py"
+    script.write_text("from mpxd import call_every\n"
+                      "def handle_request(s):\n"
+                      "    try:\n"
+                      "        call_every(float(s.request), print).cancel()\n"
+                      "        s.response = 'ok'\n"
+                      "    except ValueError as e:\n"
+                      "        s.response = str(e)\n")
+    with Harness(str(script)) as h:
+        c = h.connect()
+        assert c.send("1e-300") == ["call_every needs an interval of at least 0.001s, "
+                                    "not 1e-300"]
+        assert c.send("0.001") == ["ok"]
 
 
 def test_a_repeating_timer_may_cancel_itself():
@@ -310,6 +335,29 @@ def handle_request(s):
 """))
     assert wait_until(marker.exists)
     assert d.connect().ask("ping") == "pong"
+
+
+def test_a_timer_is_timed_from_the_call_not_from_the_start_of_the_pass(daemon, write_script):
+    # The delay counted from when the loop pass began: a handler that had
+    # worked 0.9 s before call_later(1) saw its timer fire 0.1 s later, and
+    # on_start's call_later(2) after a 2 s connect fired at once.
+    d = daemon(write_script("""
+import time
+from mpxd import call_later, send_response
+
+def handle_request(s):
+    time.sleep(float(s.request))                # work before the call
+    asked = time.monotonic()
+
+    def fire():
+        s.response = f"after {time.monotonic() - asked:.2f}"
+        send_response(s)
+    call_later(0.5, fire)
+"""))
+    c = d.connect()
+    c.send_lines("0.6")
+    waited = float(c.readline().split()[1])
+    assert waited >= 0.5, waited
 
 
 def test_cancelled_timers_do_not_pile_up():

@@ -430,6 +430,7 @@ class Harness:
                        then: Callable[[Any], Any] | None = None) -> None:
         """``core.run_in_thread`` with the work tracked for ``run_threads``."""
         check_job(fn, then)             # before fn is wrapped and the job tracked
+        self.core.check_thread("run_in_thread")     # a refused call is no job either
         job = _Job(then is not None)
         self._jobs.append(job)
         local = self._local
