@@ -82,37 +82,30 @@ class ControlPeer(UnixPeer):
 class ListenerTally:
     """Connections accepted on one listener, for ``stats``.
 
-    Sessions are kept in a list and the finished ones folded into totals
-    lazily (every ``PRUNE_EVERY`` sessions, and before ``stats`` answers),
-    so a session's close costs nothing here.
+    It keeps the ids of the sessions it counted, not the sessions: a
+    closed session (and whatever its ``s.handle`` holds) must not stay in
+    memory because ``--control`` is on.  Closed ones are dropped lazily
+    (every ``PRUNE_EVERY`` sessions, and before ``stats`` answers), so a
+    session's close costs nothing here; their bytes are the core's totals.
     """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.total = 0
-        self.sessions: list[Session] = []
-        self.closed_bytes_in = 0
-        self.closed_bytes_out = 0
+        self.ids: list[int] = []
         self._since_prune = 0
 
     def add(self, s: Session) -> None:
         self.total += 1
-        self.sessions.append(s)
+        self.ids.append(s.id)
         self._since_prune += 1
         if self._since_prune >= PRUNE_EVERY:
-            self.prune()
+            self.prune(s._core.sessions_by_id)
 
-    def prune(self) -> None:
-        """Fold finished sessions into the byte totals; keep the open ones."""
+    def prune(self, open_sessions: dict[int, Session]) -> None:
+        """Forget the sessions that are no longer open."""
         self._since_prune = 0
-        still_open = []
-        for s in self.sessions:
-            if s._finished:
-                self.closed_bytes_in += s._bytes_in
-                self.closed_bytes_out += s._bytes_out
-            else:
-                still_open.append(s)
-        self.sessions = still_open
+        self.ids = [i for i in self.ids if i in open_sessions]
 
 
 class ControlServer:
@@ -268,12 +261,10 @@ class ControlServer:
     def cmd_stats(self, s: Session, args: list[str]) -> str:
         loop, main, edge = self.loop, self.main, self.edge
         for tally in edge.tallies:
-            tally.prune()
+            tally.prune(main.sessions_by_id)
         open_sessions = list(main.sessions_by_id.values())
-        bytes_in = sum(t.closed_bytes_in for t in edge.tallies) + \
-            sum(x._bytes_in for x in open_sessions)
-        bytes_out = sum(t.closed_bytes_out for t in edge.tallies) + \
-            sum(x._bytes_out for x in open_sessions)
+        bytes_in = main.closed_bytes_in + sum(x._bytes_in for x in open_sessions)
+        bytes_out = main.closed_bytes_out + sum(x._bytes_out for x in open_sessions)
         state = "serving"
         if loop.draining:
             state = "draining" if self.soft_draining else "stopping"
@@ -294,7 +285,7 @@ class ControlServer:
         if edge.rate is not None:
             lines.append(f"throttled {edge.rate.throttled}")
         for tally in edge.tallies:
-            lines.append(f"listener {tally.name} open={len(tally.sessions)} "
+            lines.append(f"listener {tally.name} open={len(tally.ids)} "
                          f"total={tally.total}")
         return "\n".join(lines + ["OK"])
 

@@ -178,6 +178,8 @@ class Core:
         self.connections_total = 0
         self.requests_total = 0
         self.errors_total = 0
+        self.closed_bytes_in = 0        # of the sessions that have ended (for stats)
+        self.closed_bytes_out = 0
         self.reloads = 0
         self._install(handlers)
 
@@ -383,6 +385,8 @@ class Core:
             s._stall_timer.cancel()
             s._stall_timer = None
         self.sessions_by_id.pop(s._id, None)
+        self.closed_bytes_in += s._bytes_in
+        self.closed_bytes_out += s._bytes_out
         if self._handle_close is not None:
             s.response = ""
             self._call_user(self._handle_close, s, "handle_close", s)

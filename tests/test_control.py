@@ -118,6 +118,35 @@ def test_stats_show_live_figures(served):
     assert f"listener 127.0.0.1:{d.port} open=6 total=6" in lines
 
 
+def test_the_control_socket_keeps_no_closed_session_in_memory(mpxd, tmp_path):  # noqa: F811
+    # Its per-listener tally kept every session until 1,024 more came: 200
+    # closed sessions, each holding 5 MB in s.handle, kept 1 GB.
+    script = tmp_path / "fat.py"
+    script.write_text("def handle_request(s):\n"
+                      "    s.handle = bytearray(4_000_000)\n"
+                      "    s.response = 'ok'\n")
+    control = str(tmp_path / "control.sock")
+    d = mpxd(["--port", "0", "--host", "127.0.0.1", "--control", control, str(script)])
+    port = d.wait_listening()
+
+    def rss() -> int:
+        with open(f"/proc/{d.pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    before = rss()
+    for _ in range(60):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"x\n")
+            assert c.recv(10) == b"ok\n"
+    d.wait_for(r"session 60 \S+ closed")        # not stats: it would prune
+    assert rss() - before < 40_000_000          # 240 MB if the 60 were kept
+    figures = stats(control)
+    assert figures["connections_total"] == "60"
+    assert figures["bytes_in"] == "120" and figures["bytes_out"] == "180"
+    lines, _ = ask(control, "stats")
+    assert f"listener 127.0.0.1:{port} open=0 total=60" in lines
+    assert d.stop() == 0
+
+
 def test_sessions_lists_every_open_session(served):
     d, _load = served
     lines, summary = ask(d.control, "sessions")
