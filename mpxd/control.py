@@ -38,6 +38,7 @@ from . import core as core_module
 from .config import Config
 from .core import Core, format_peer
 from .logs import LEVELS, counted
+from .loop import ACCEPT_BACKOFF, FD_EXHAUSTED
 from .script import Handlers
 from .unix import UnixListener, UnixPeer, peer_credentials
 
@@ -153,7 +154,10 @@ class ControlServer:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
-                log.warning("control: accept failed: %s", e.strerror)
+                if e.errno in FD_EXHAUSTED:
+                    self._pause_accepting(e)
+                else:
+                    log.warning("control: accept failed: %s", e.strerror)
                 break
             os.set_blocking(fd, False)
             try:
@@ -162,8 +166,9 @@ class ControlServer:
                 os.close(fd)
                 continue
             if creds.uid not in (os.geteuid(), 0):
-                log.warning("control: refused pid=%d,uid=%d: only uid %d and root "
-                            "may use it", creds.pid, creds.uid, os.geteuid())
+                log.warning("control: refused pid=%d,uid=%d: only %s may use it",
+                            creds.pid, creds.uid, f"uid {os.geteuid()} and root"
+                            if os.geteuid() else "root")
                 os.close(fd)
                 continue
             self.core.now = self.main.now
@@ -173,6 +178,19 @@ class ControlServer:
             self.conns[fd] = s
             self.loop.watch(fd, IN, lambda event, s=s: self._ready(s, event))
         self._restore_current()
+
+    def _pause_accepting(self, e: OSError) -> None:
+        """Out of descriptors: stop polling the socket briefly, as the loop does
+        for its listeners; a waiting client made every poll return at once,
+        and each logged a line (10,000 a second)."""
+        fd = self.listener.sock.fileno()
+        log.warning("control: cannot accept: %s; pausing for %gs", e.strerror, ACCEPT_BACKOFF)
+        self.loop.unwatch(fd)
+        self.main.call_later(ACCEPT_BACKOFF, self._resume_accepting, fd)
+
+    def _resume_accepting(self, fd: int) -> None:
+        if self.listener.sock.fileno() == fd and fd not in self.loop.watchers:
+            self.loop.watch(fd, IN, self._accept)
 
     def _ready(self, s: Session, mask: int) -> None:
         core = self.core

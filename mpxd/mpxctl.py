@@ -35,6 +35,10 @@ class Unreachable(Exception):
     """The daemon cannot be reached; exit status 3."""
 
 
+class Busy(Unreachable):
+    """The daemon's control socket is there but accepts nobody in time (a busy loop)."""
+
+
 class DaemonError(Exception):
     """The daemon answered ``ERROR ...``; exit status 1."""
 
@@ -48,14 +52,18 @@ class ControlClient:
         self.sock.settimeout(timeout)
         self.buf = b""
         try:
-            self.sock.connect(path)
+            self._connect(path, timeout)
         except FileNotFoundError:
             self.sock.close()
             raise Unreachable(f"no control socket at {path} (is mpxd running "
                               f"with --control {path}?)") from None
         except ConnectionRefusedError:
             self.sock.close()
-            if not stat.S_ISSOCK(os.stat(path).st_mode):
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:             # removed meanwhile: the daemon has just exited
+                mode = stat.S_IFSOCK
+            if not stat.S_ISSOCK(mode):
                 raise Unreachable(f"{path} is not a socket (give the path mpxd's "
                                   f"--control names)") from None
             raise Unreachable(f"nobody listens on {path} (mpxd is not running)") from None
@@ -66,6 +74,25 @@ class ControlClient:
         except OSError as e:
             self.sock.close()
             raise Unreachable(f"cannot connect to {path}: {e.strerror or e}") from None
+
+    def _connect(self, path: str, timeout: float) -> None:
+        """Connect, waiting up to ``timeout`` while the daemon's queue is full.
+
+        A unix socket's connect fails at once (EAGAIN) when the listener's
+        queue is full, as while the loop is busy: that is no answer yet,
+        not a daemon gone.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self.sock.close()
+                    raise Busy(f"{path} accepts no connection within {timeout:g}s "
+                               f"(its queue is full: is the daemon stuck?)") from None
+                time.sleep(0.02)
 
     def ask(self, command: str) -> tuple[list[str], str]:
         """Send ``command``; return (data lines, text after OK).  ``DaemonError`` on ERROR."""
@@ -287,6 +314,8 @@ class Target:
                     ControlClient(self.control, 1.0).close()
                 else:
                     daemon_pid(self.pidfile or "")
+            except Busy:
+                pass                    # still there, busy (its queue is full)
             except Unreachable:
                 return True
             time.sleep(0.05)
@@ -313,8 +342,17 @@ def _target(ctx: click.Context, control: str | None, pidfile: str | None,
             timeout: float) -> Target:
     parent = ctx.find_object(Target)
     if parent is not None:              # options given before the subcommand
-        control = control or parent.control
-        pidfile = pidfile or parent.pidfile
+        typed = click.core.ParameterSource.COMMANDLINE
+
+        def pick(name: str, mine: str | None, theirs: str | None) -> str | None:
+            # What was typed beats the environment (MPXCTL_CONTROL), which
+            # fills in this command's option as well as the group's.
+            if ctx.get_parameter_source(name) != typed and ctx.parent is not None \
+                    and ctx.parent.get_parameter_source(name) == typed:
+                return theirs
+            return mine or theirs
+        control = pick("control", control, parent.control)
+        pidfile = pick("pidfile", pidfile, parent.pidfile)
         if ctx.get_parameter_source("timeout") == click.core.ParameterSource.DEFAULT:
             timeout = parent.timeout
     if not control and not pidfile:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -145,6 +146,57 @@ def test_the_control_socket_keeps_no_closed_session_in_memory(mpxd, tmp_path):  
     lines, _ = ask(control, "stats")
     assert f"listener 127.0.0.1:{port} open=0 total=60" in lines
     assert d.stop() == 0
+
+
+BUSY = """
+import time
+
+def handle_request(s):
+    if s.request == "slow":
+        time.sleep(1.5)                 # the loop is busy meanwhile
+    s.response = "ok"
+
+def handle_close(s):
+    time.sleep(0.5)
+"""
+
+
+def test_mpxctl_waits_for_a_busy_daemon_instead_of_calling_it_gone(mpxd, tmp_path):  # noqa: F811
+    # With the loop busy, control clients queue up; past the queue's 16 a
+    # connect fails at once (EAGAIN): status exited 3 at once, and
+    # stop --wait took it for the daemon gone while it still drained.
+    script = tmp_path / "busy.py"
+    script.write_text(BUSY)
+    control = str(tmp_path / "control.sock")
+    d = mpxd(["--port", "0", "--host", "127.0.0.1", "--control", control, str(script)])
+    port = d.wait_listening()
+    slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+    slow.sendall(b"slow\n")
+    time.sleep(0.2)
+    queued = []
+    for _ in range(20):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.setblocking(False)
+        try:
+            sock.connect(control)
+        except BlockingIOError:
+            sock.close()
+            break
+        queued.append(sock)
+    result = mpxctl("status", "--control", control, "--timeout", "10")
+    assert result.returncode == 0, result.stderr
+    for sock in queued:
+        sock.close()
+    assert slow.recv(10) == b"ok\n"
+    others = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+    started = time.monotonic()
+    result = mpxctl("stop", "--control", control, "--wait", "--timeout", "10")
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started >= 1.5        # 4 handle_close of 0.5 s each
+    assert d.wait(timeout=2) == 0
+    slow.close()
+    for sock in others:
+        sock.close()
 
 
 def test_sessions_lists_every_open_session(served):
@@ -304,7 +356,7 @@ def test_other_users_are_turned_away(served):
                        "except (ConnectionResetError, BrokenPipeError):\n"  # closed before
                        "    print('reset')\n")
     assert child.stdout.strip() in ("b''", "reset"), child.stderr   # closed unanswered
-    d.wait_for(r"control: refused pid=\d+,uid=65534: only uid 0 and root may use it")
+    d.wait_for(r"control: refused pid=\d+,uid=65534: only root may use it")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run mpxctl as another user")
@@ -377,6 +429,20 @@ def test_mpxctl_names_a_bad_log_level_argument_level(tmp_path):
     result = mpxctl("log-level", "loud", "-c", str(tmp_path / "none.sock"))
     assert result.returncode == 2
     assert "Invalid value for 'LEVEL': 'loud' is not one of" in result.stderr
+
+
+def test_mpxctl_options_typed_before_the_command_beat_the_environment(tmp_path):
+    # MPXCTL_CONTROL filled in the command's own option, which won over the
+    # -c typed before the command: "mpxctl -c B stop" stopped daemon A.
+    typed, from_env = str(tmp_path / "typed.sock"), str(tmp_path / "env.sock")
+    env = dict(os.environ, MPXCTL_CONTROL=from_env)
+    for args in (["-c", typed, "status"], ["status", "-c", typed]):
+        result = subprocess.run([sys.executable, "-m", "mpxd.mpxctl", *args], cwd=ROOT,
+                                capture_output=True, text=True, timeout=30, env=env)
+        assert result.returncode == 3 and f"no control socket at {typed}" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "mpxd.mpxctl", "status"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30, env=env)
+    assert f"no control socket at {from_env}" in result.stderr
 
 
 def test_mpxctl_reports_a_stale_pidfile_as_not_running(tmp_path):

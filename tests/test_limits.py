@@ -385,6 +385,31 @@ def test_running_out_of_descriptors_pauses_accepting_and_recovers(mpxd_run, writ
     assert d.stop() == 0
 
 
+def test_running_out_of_descriptors_pauses_the_control_socket_too(mpxd_run, write_script,
+                                                                   tmp_path):
+    # A control client waiting while descriptors ran out made every poll
+    # return at once, and each logged "control: accept failed": 10,000 lines
+    # a second, at full CPU.
+    control = str(tmp_path / "control.sock")
+    d = mpxd_run(write_script(GREETER), "--max-connections", "500", "--control", control,
+                 nofile=48)
+    clients = [d.connect() for _ in range(60)]
+    assert wait_until(lambda: d.count_log(r"cannot accept: Too many open files") == 1)
+    waiting = socket.socket(socket.AF_UNIX)
+    waiting.connect(control)                    # queued: no descriptor to accept it with
+    before = cpu_seconds(d.proc.pid)
+    time.sleep(1.0)
+    assert cpu_seconds(d.proc.pid) - before < 0.5
+    assert 1 <= d.count_log(r"control: cannot accept: Too many open files") <= 15
+    for sock in clients:
+        sock.close()
+    waiting.sendall(b"help\n")                  # served once descriptors are free
+    waiting.settimeout(10)
+    assert readline(waiting, bytearray()).startswith(b"stats ")
+    waiting.close()
+    assert d.stop() == 0
+
+
 def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(mpxd_run, write_script):
     # Shells and systemd hand out a soft limit of 1024: mpxd polls, so it
     # takes the hard limit, and more clients than the soft limit get served.
