@@ -189,7 +189,8 @@ def main(script: str, port: int | None, hosts: tuple[str, ...], eol: str, poller
     if any(not host.strip() for host in hosts):
         raise click.UsageError("--host needs an address (0.0.0.0 or :: for all "
                                "interfaces)")
-    for option, path in (("--pidfile", pidfile), ("--log-file", log_file)):
+    for option, path in (("--pidfile", pidfile), ("--log-file", log_file),
+                         ("--control", edge.get("control"))):
         if path is not None and not path.strip():
             # --pidfile "$PIDFILE" with the variable unset: no pidfile at
             # all, without a word, and the init script's kill found nothing.

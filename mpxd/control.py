@@ -271,7 +271,7 @@ class ControlServer:
         try:
             s.response = command(s, words[1:])
         except UsageError as e:
-            s.response = f"ERROR {e}"
+            s.response = "ERROR " + " ".join(str(e).splitlines())    # one line, always
 
     def cmd_help(self, s: Session, args: list[str]) -> str:
         return "\n".join(HELP + ["OK"])
@@ -318,10 +318,10 @@ class ControlServer:
             if tls_peer:
                 line += " tls=" + tls_peer.replace(" ", "\\20")
             lines.append(line)
-        return "\n".join(lines + [f"OK {len(lines)} sessions"])
+        return "\n".join(lines + [f"OK {counted(len(lines), 'session')}"])
 
     def cmd_kill(self, s: Session, args: list[str]) -> str:
-        if len(args) != 1 or not args[0].isdigit():
+        if len(args) != 1 or not (args[0].isascii() and args[0].isdigit()):
             raise UsageError("usage: kill ID (a session id from 'sessions')")
         victim = self.main.sessions_by_id.get(int(args[0]))
         if victim is None or victim._finished:
@@ -341,8 +341,9 @@ class ControlServer:
         return f"OK reloaded {self.main.handlers.path}"
 
     def cmd_drain(self, s: Session, args: list[str]) -> str:
-        if self.loop.draining:
-            raise UsageError("already shutting down")
+        if self.loop.draining:      # OK: "drain --wait" then waits, as the first did
+            already = "draining" if self.soft_draining else "stopping"
+            return f"OK already {already}: {counted(len(self.loop.conns), 'session')} open"
         log.info("control (%s): drain", s.peer)
         self.soft_draining = True
         self.loop.soft_drain()
@@ -350,8 +351,12 @@ class ControlServer:
 
     def cmd_stop(self, s: Session, args: list[str]) -> str:
         log.info("control (%s): stop", s.peer)
-        self.loop.handle_term()
-        return f"OK stopping: {len(self.loop.conns)} sessions to close"
+        stopping = self.loop.draining    # a drain (soft or not) is cut short
+        sessions = counted(len(self.loop.conns), "session")
+        self.loop.handle_term()     # while stopping already: as a second TERM
+        if stopping:
+            return f"OK stopping now: {sessions} closed at once, their output dropped"
+        return f"OK stopping: {sessions} to close"
 
     def cmd_log_level(self, s: Session, args: list[str]) -> str:
         if len(args) != 1 or args[0].lower() not in LEVELS:

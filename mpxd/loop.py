@@ -573,7 +573,9 @@ class Loop:
             return None
         # mpxctl reload and systemd hear of a certificate refused even when
         # the script reloaded: a renewal hook must see that it failed.
-        said = "; ".join(problems)
+        # One line: the control protocol and systemd's STATUS are line-based,
+        # and an exception's message may hold newlines.
+        said = " ".join("; ".join(problems).splitlines())
         self.notifier.ready(f"reload failed: {said}; {self._status_text()}")
         return said
 

@@ -322,9 +322,16 @@ class Target:
         return False
 
 
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not value < 1e9:         # nan and inf too: socket timeouts refuse them
+        raise click.BadParameter(f"must be a number of seconds below 1e9, not {value}")
+    return value
+
+
 def _target_options(command: Callable) -> Callable:
     command = click.option("--timeout", type=click.FloatRange(0, min_open=True),
                            default=5.0, show_default=True, metavar="SECONDS",
+                           callback=_finite,
                            help="How long to wait for the daemon's answer.")(command)
     # readable=False: a file mpxctl may not read is said on use (exit 3), not
     # as a usage error (2).
@@ -426,7 +433,8 @@ def sessions(ctx: click.Context, control: str | None, pidfile: str | None,
 
     def action() -> None:
         lines, summary = target.ask("sessions")
-        click.echo("\n".join(lines if raw else render_sessions(lines)))
+        if lines:                   # none: no empty line for a "while read" loop
+            click.echo("\n".join(lines if raw else render_sessions(lines)))
         if not raw:
             click.echo(summary, err=True)
     _run(action)

@@ -213,7 +213,12 @@ def subject_string(cert: dict | None) -> str | None:
 
 
 def _escape(value: str) -> str:
-    escaped = "".join("\\" + c if c in ',+"\\<>;=' else c for c in value)
+    # Non-printable characters as \XX per UTF-8 byte (RFC 4514 allows it): a
+    # newline in a client's CN must not reach log lines and the control
+    # protocol as a line of its own.
+    escaped = "".join("\\" + c if c in ',+"\\<>;=' else c if c.isprintable()
+                      else "".join(f"\\{b:02X}" for b in c.encode("utf-8", "replace"))
+                      for c in value)
     if escaped[:1] in ("#", " "):
         escaped = "\\" + escaped
     if escaped.endswith(" ") and not escaped.endswith("\\ "):

@@ -252,6 +252,13 @@ def test_reload_swaps_script_and_reports_failure(served):
                                           r"version still serves: .*: syntax error at line 2"):
         ask(d.control, "reload")      # the reason itself, not "see the log"
     assert version() == b"version two\n"
+    # A reason with a newline is still one line: "OK all good" is no answer.
+    d.script.write_text("raise RuntimeError('cannot open db\\nOK all good')\n")
+    client = ControlClient(d.control, 10.0)
+    with pytest.raises(DaemonError, match=r"RuntimeError: cannot open db OK all good"):
+        client.ask("reload")
+    assert client.ask("help")[1] == ""                  # the next answer is help's own
+    client.close()
     before = load.total()
     assert wait_until(lambda: load.total() > before + 50)
     probe.close()
@@ -288,6 +295,48 @@ def test_drain_stops_accepting_and_exits_after_the_last_session(served):
     load.stop()                                       # the clients leave...
     assert d.wait(10) == 0                            # ...and the daemon goes
     assert not os.path.exists(d.control)
+
+
+def test_the_small_things_of_the_control_channel(mpxd, tmp_path):  # noqa: F811
+    script = tmp_path / "handler.py"
+    script.write_text(HANDLER)
+    control = str(tmp_path / "control.sock")
+    d = mpxd(["--port", "0", "--host", "127.0.0.1", "--control", control, str(script)])
+    port = d.wait_listening()
+    # No sessions: no output at all, not an empty line a "while read" loop runs on.
+    raw = mpxctl("sessions", "--raw", "-c", control)
+    assert (raw.returncode, raw.stdout) == (0, "")
+    assert ask(control, "sessions")[1] == "0 sessions"
+    # Digits only in ASCII: "²" passed isdigit() and failed int(), unanswered.
+    with pytest.raises(DaemonError, match="usage: kill ID"):
+        ask(control, "kill \u00b2")
+    for timeout in ("nan", "inf"):
+        assert mpxctl("status", "-c", control, "--timeout", timeout).returncode == 2
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    client.sendall(b"version\n")
+    client.recv(100)
+    assert ask(control, "sessions")[1] == "1 session"
+    assert ask(control, "drain")[1] == "draining: 1 session open"
+    # A second drain --wait waits too, instead of "already shutting down".
+    waiter = subprocess.Popen([sys.executable, "-m", "mpxd.mpxctl", "drain", "-c", control,
+                               "--wait", "--timeout", "10"], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    assert waiter.poll() is None
+    client.close()                                  # the last session ends...
+    out, err = waiter.communicate(timeout=10)       # ...and the daemon exits
+    assert (waiter.returncode, out) == (0, "already draining: 1 session open\n"), err
+    assert d.wait(timeout=5) == 0
+
+
+def test_a_stop_during_a_drain_says_it_cuts_it_short(served):
+    d, load = served
+    assert ask(d.control, "drain")[1] == "draining: 6 sessions open"
+    assert ask(d.control, "stop")[1] == ("stopping now: 6 sessions closed at once, "
+                                         "their output dropped")
+    assert d.wait(10) == 0
+    load.stop()
+    load.failures.clear()                           # they were cut off, as said
 
 
 def test_stop_finishes_and_exits(served):

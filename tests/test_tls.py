@@ -525,6 +525,10 @@ def test_subject_string_escapes_as_rfc4514():
     cert = {"subject": ((("countryName", "US"),), (("organizationName", "A, B+C"),),
                         (("commonName", " lead"),))}
     assert subject_string(cert) == r"CN=\ lead,O=A\, B\+C,C=US"
+    # A newline in a CN would be a line of its own in logs and in the control
+    # protocol ("mallory\nOK 0 sessions" cut mpxctl's session list short).
+    cert = {"subject": ((("commonName", "mallory\nOK 0 sessions\x00"),),)}
+    assert subject_string(cert) == r"CN=mallory\0AOK 0 sessions\00"
     assert subject_string({}) is None
     assert subject_string(None) is None
 
