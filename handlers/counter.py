@@ -7,8 +7,9 @@ Try it:
 A line "N" adds N to this connection's counter and answers its value;
 "N global" adds to the counter all connections share.  As in the C original
 (which reads the number with sscanf "%d"), a first word that does not start
-with a whole number makes the answer 0, and digits are read up to the first
-non-digit ("12abc" counts as 12), at most 100 of them.
+with a whole number makes the answer 0, and digits (0 to 9 only, as in C)
+are read up to the first non-digit ("12abc" counts as 12), at most 100 of
+them.  Words are split at any whitespace, as Python's str.split() does.
 """
 
 import re
@@ -18,7 +19,7 @@ global_counter = 0
 # At most 100 digits: Python refuses to turn more than 4300 digits into an
 # int or back (ValueError), so "9" * 4300 sent twice as "N global" made the
 # shared counter unprintable, and every client's "N global" failed after it.
-_LEADING_INT = re.compile(r"[+-]?\d{1,100}")
+_LEADING_INT = re.compile(r"[+-]?[0-9]{1,100}")     # ASCII digits: "\d" took "٣" as 3
 
 
 def handle_request(s):

@@ -21,12 +21,19 @@ _expire, key)`` and keeps the ``Timer`` so that SET, DEL or another EXPIRE can
 store is module globals, so every connection sees the same keys (within one
 process: with ``--workers`` each worker has its own store).  ``on_reload``
 takes the data over when the script is reloaded with SIGHUP.
+
+What it is not: the store lives in memory only (a TERM, a crash or a restart
+loses every key; a HUP keeps them), and it has no limit on the number or
+size of keys and values beyond mpxd's --max-line.  A value that is the text
+"(nil)" reads the same as a missing key: this protocol has no types.
 """
 
 import math
 import time
 
 from mpxd import call_later
+
+MAX_EXPIRE = 10 * 365 * 24 * 3600
 
 store = {}          # key -> value
 expiry = {}         # key -> (Timer, time.monotonic() when it runs)
@@ -78,6 +85,8 @@ def _expire(key, seconds):
         return "ERROR seconds must be a number"
     if not math.isfinite(delay):        # "inf", "nan": float() takes them
         return "ERROR seconds must be a number"
+    if delay > MAX_EXPIRE:              # 1e308 made TTL print 309 digits
+        return f"ERROR seconds must be at most {MAX_EXPIRE} (10 years)"
     if key not in store:
         return "0"
     _forget_expiry(key)

@@ -13,7 +13,11 @@ with a number counts 0); "N global" adds N to the counter in Redis with the atom
 the new value, so every mpxd instance and every ``--workers`` process counts
 together.  While Redis cannot be reached a global request is answered
 "ERROR redis unavailable: <reason>" (and logged once per outage); the
-connection stays open and the next request tries again.
+connection stays open and the next request tries again.  A request that
+timed out waiting for Redis's answer may have been counted all the same
+(Redis may be slow, not gone): it is answered "ERROR redis timed out, the
+increment may have been applied", and a client that retries it may count
+it twice.
 
 Where Redis is: the environment variable MPXD_REDIS_URL, default
 redis://127.0.0.1:6379/0; the key: MPXD_REDIS_KEY, default
@@ -23,7 +27,11 @@ A Redis call is network I/O, so it runs in a worker thread
 (``mpxd.run_in_thread``); a slow or unreachable Redis never stalls the
 loop.  Answers still go out in request order: each request takes a slot in
 its session's queue, finished slots are sent from the front, and each
-connection has one Redis call in flight at a time.
+connection has one Redis call in flight at a time.  That queue is this
+script's, not mpxd's output, so mpxd's output limits do not bound it: while
+Redis is slow a client could queue requests without end, and after 1,000
+waiting answers it gets "ERROR too many requests waiting" and is
+disconnected once the answers before it are out.
 """
 
 import logging
@@ -31,7 +39,7 @@ import os
 import re
 from collections import deque
 
-from mpxd import run_in_thread, send_response
+from mpxd import close_session, run_in_thread, send_response
 
 try:
     import redis
@@ -41,6 +49,7 @@ except ImportError:
 URL = os.environ.get("MPXD_REDIS_URL", "redis://127.0.0.1:6379/0")
 KEY = os.environ.get("MPXD_REDIS_KEY", "mpxd:global_counter")
 TIMEOUT = 2.0       # seconds for connecting and for each command
+MAX_WAITING = 1000  # answers queued per connection
 
 log = logging.getLogger("mpxd.shared_counter")
 
@@ -55,12 +64,20 @@ def on_stop(server):
 
 
 # As in handlers/counter.py: the C original's sscanf "%d", at most 100 digits.
-_LEADING_INT = re.compile(r"[+-]?\d{1,100}")
+_LEADING_INT = re.compile(r"[+-]?[0-9]{1,100}")     # ASCII digits: "\d" took "٣" as 3
 
 
 def handle_request(s):
     if s.handle is None:
-        s.handle = {"count": 0, "queue": deque(), "busy": False}
+        s.handle = {"count": 0, "queue": deque(), "busy": False, "closing": False}
+    state = s.handle
+    if state["closing"]:
+        return                          # disconnected once its answers are out
+    if len(state["queue"]) >= MAX_WAITING:
+        state["closing"] = True
+        state["queue"].append(["ERROR too many requests waiting", None])
+        _pump(s)
+        return
     tokens = s.request.split()
     number = _LEADING_INT.match(tokens[0]) if tokens else None
     if number and len(tokens) == 2 and tokens[1] == "global":
@@ -86,6 +103,8 @@ def _pump(s):
     while queue and queue[0][0] is not None:
         s.response = queue.popleft()[0]
         send_response(s)
+    if not queue and state["closing"]:
+        close_session(s)
     if queue and not state["busy"]:
         state["busy"] = True
         slot = queue[0]
@@ -100,7 +119,12 @@ def _counted(s, slot, result):
         if not outage:
             log.warning("redis at %s unavailable: %s", URL, result)
             outage = True
-        slot[0] = f"ERROR redis unavailable: {result}"
+        # A timeout may come after Redis applied the INCRBY: say so, lest the
+        # client retry and count twice.  (redis-py's TimeoutError for a
+        # connect that timed out is reported so too: the safe side.)
+        slot[0] = ("ERROR redis timed out, the increment may have been applied"
+                   if isinstance(result, redis.exceptions.TimeoutError)
+                   else f"ERROR redis unavailable: {result}")
     elif isinstance(result, BaseException):
         slot[0] = f"ERROR redis: {result}"
     else:

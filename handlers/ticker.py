@@ -24,6 +24,8 @@ import os
 from mpxd import call_every, send_response
 
 INTERVAL = float(os.environ.get("TICKER_INTERVAL", "1"))
+if not 0.001 <= INTERVAL < float("inf"):  # at import: "mpxd --check" says so too
+    raise ValueError(f"TICKER_INTERVAL must be at least 0.001 seconds, not {INTERVAL}")
 
 subscribers = {}    # session id -> session, in the order they subscribed
 ticks = 0

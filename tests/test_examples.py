@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import select
 import signal
+import subprocess
 import time
 
-from conftest import HANDLERS, wait_until
+from conftest import HANDLERS, MPXD, ROOT, wait_until
 
 KV = os.path.join(HANDLERS, "kv.py")
 TICKER = os.path.join(HANDLERS, "ticker.py")
@@ -144,6 +145,16 @@ def test_ticker_subscriber_that_leaves_is_forgotten(daemon):
     _ticks(stayer, 5)
     assert d.stop() == 0
     assert b"Traceback" not in d.child.before
+
+
+def test_ticker_interval_is_checked_at_import_so_check_says_so():
+    # TICKER_INTERVAL=-1 passed "mpxd --check" and failed only at start-up.
+    for value in ("-1", "0", "nan"):
+        result = subprocess.run([*MPXD, "--check", TICKER], capture_output=True, text=True,
+                                timeout=30, cwd=ROOT,
+                                env=dict(os.environ, TICKER_INTERVAL=value))
+        assert result.returncode == 1
+        assert "TICKER_INTERVAL must be at least 0.001 seconds" in result.stderr
 
 
 # -------------------------------------------------------------- lookup

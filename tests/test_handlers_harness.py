@@ -43,6 +43,8 @@ def test_counter_answers_zero_for_lines_without_a_number(mpxd_harness):
     assert c.send(["x", "", "seven", "1 2 3"]) == ["0", "0", "0", "8"]
     assert c.send(b"-2\r\n") == ["6"]
     assert c.send(["12abc", "+1 apples"]) == ["18", "19"]     # sscanf "%d" reads a prefix
+    # Digits 0 to 9 only, as in C: "\d" counted "٣" as 3 and "５" as 5.
+    assert c.send(["\u0663", "\uff15 global"]) == ["0", "0"]
 
 
 def test_counter_reads_at_most_100_digits_so_huge_numbers_break_nothing(mpxd_harness):
@@ -121,10 +123,27 @@ def test_chat_nick_rules_and_who(chat):
     alice.send("/nick alice")
     bob.new()
     assert bob.send("/nick alice") == ["* alice is taken"]
-    assert bob.send("/nick") == ["* usage: /nick NAME (one word)"]
-    assert bob.send("/nick two words") == ["* usage: /nick NAME (one word)"]
+    usage = "* usage: /nick NAME (one word, at most 24 characters)"
+    assert bob.send("/nick") == [usage]
+    assert bob.send("/nick two words") == [usage]
+    assert bob.send("/nick a\tb") == [usage]             # a tab made /who ambiguous
+    assert bob.send("/nick " + "x" * 25) == [usage]
     assert bob.send("/who") == ["* here: alice guest2"]
+    # "/nickbob" renamed to "bob", "/NICK x" and "/who " were broadcast.
+    assert bob.send("/nicknames") == ["* commands: /nick NAME, /who, /quit"]
+    assert bob.send("/NICK bob") == ["* you are now bob"]
+    assert bob.send("/nick bob") == ["* you are bob already"]
+    assert bob.send("/WHO ") == ["* here: alice bob"]
+    assert alice.new()[-1] == "* guest2 is now bob"
     assert bob.send("") == []
+
+
+def test_chat_shows_control_characters_instead_of_passing_them_on(chat):
+    # "hi\r* guest1 left" showed as "* guest1 left" on the others' terminals.
+    alice, bob = chat.connect(), chat.connect()
+    bob.new()
+    alice.send(b"hi\r* guest1 left\x1b[2J\n")
+    assert bob.new() == ["<guest1> hi?* guest1 left?[2J"]
 
 
 def test_chat_guest_names_never_collide_with_a_chosen_nick(chat):
@@ -205,6 +224,10 @@ def test_kv_expire_zero_deletes_and_bad_input_is_refused(kv):
     assert c.send("EXPIRE a soon") == ["ERROR seconds must be a number"]
     assert c.send("EXPIRE a inf") == ["ERROR seconds must be a number"]
     assert c.send("EXPIRE a nan") == ["ERROR seconds must be a number"]
+    c.send("SET a 1")
+    # 1e308 was taken, and TTL then printed a number of 309 digits.
+    assert c.send("EXPIRE a 1e308") == ["ERROR seconds must be at most 315360000 (10 years)"]
+    assert c.send("EXPIRE a 315360000") == ["1"]
     assert c.send("GET") == ["ERROR wrong number of arguments for 'GET'"]
     assert c.send("") == []
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -149,6 +150,39 @@ def test_an_unreachable_redis_gives_an_error_line_not_a_crash(daemon, redis_serv
         d.expect_log(r"redis at .* reachable again")
     finally:
         restarted.stop()
+
+
+def test_a_redis_too_slow_to_answer_may_have_counted_and_the_answer_says_so(
+        daemon, redis_server):
+    # "ERROR redis unavailable" for an INCRBY that Redis applied: a client
+    # retrying on that error counted twice.
+    d = daemon(SCRIPT, env={"MPXD_REDIS_URL": redis_server.url})
+    c = d.connect()
+    assert c.ask("100 global") == "100"
+    os.kill(redis_server.process.pid, signal.SIGSTOP)   # slow, not gone
+    try:
+        assert c.ask("1 global") == "ERROR redis timed out, the increment may have been applied"
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    assert c.ask("1 global") == "102"                   # the first one did count
+
+
+def test_a_client_cannot_queue_without_end_behind_a_slow_redis(daemon, redis_server):
+    # The answers waiting for Redis are the script's, not mpxd's output: no
+    # output limit applied, and 6 s of a paused Redis grew mpxd by 120 MB.
+    d = daemon(SCRIPT, env={"MPXD_REDIS_URL": redis_server.url})
+    c = d.connect()
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        c.send_lines("7 global", *["1"] * 1200)
+        time.sleep(0.5)
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    answers = c.readlines(1001)
+    assert answers[0] == "7"
+    assert answers[1:1000] == [str(n) for n in range(1, 1000)]
+    assert answers[1000] == "ERROR too many requests waiting"
+    assert c.read_all() == b""                          # then disconnected
 
 
 def test_no_redis_at_start_up_is_no_crash_either(daemon):
