@@ -812,7 +812,10 @@ class Core:
         ready = self._ready
         for _ in range(len(ready)):
             fn, args = ready.popleft()
-            self._call_user(fn, None, getattr(fn, "__qualname__", repr(fn)), *args)
+            name = getattr(fn, "__qualname__", repr(fn))
+            if getattr(fn, "__self__", None) is not self:      # not mpxd's own delivery
+                name = "call_soon_threadsafe " + name
+            self._call_user(fn, None, name, *args)
 
     @property
     def has_ready(self) -> bool:

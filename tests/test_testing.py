@@ -1210,6 +1210,27 @@ def answer(s, text):
     assert c.new() == ["from a thread"]
 
 
+def test_a_failing_call_soon_threadsafe_callback_is_named_as_such(harness):
+    # It was logged as "broken failed:", with nothing to say where it came from.
+    h = harness("""
+import threading
+from mpxd import call_soon_threadsafe
+
+def broken():
+    raise ValueError("oops")
+
+def handle_request(s):
+    t = threading.Thread(target=call_soon_threadsafe, args=(broken,))
+    t.start()
+    t.join()
+""")
+    h.connect().send("go")
+    h.run_threads()
+    [(what, session, error)] = h.errors
+    assert what == "call_soon_threadsafe broken" and session is None
+    assert isinstance(error, ValueError)
+
+
 def test_run_threads_gives_up_after_its_timeout(harness):
     release = threading.Event()
     h = harness("""
