@@ -56,8 +56,12 @@ ERR_HUP = 0x008 | 0x010
 READ_SIZE = 64 * 1024
 ACCEPT_BATCH = 16
 PRUNE_EVERY = 1024
+# Reading pauses at 1 MiB of unread answers, as for any session: a client
+# that pipelined 400,000 commands without reading grew mpxd by 240 MB, and
+# 1,000 "sessions" in one write stalled the loop for 15 s.  One answer may
+# still be large (a "sessions" of 100,000 clients is 10 MB).
 CONTROL_CONFIG = Config(script="<control>", max_line=4096, idle_timeout=None,
-                        high_water=1 << 30, low_water=1 << 28, max_output=1 << 30)
+                        high_water=1 << 20, low_water=1 << 18, max_output=1 << 30)
 
 
 HELP = [
@@ -241,7 +245,9 @@ class ControlServer:
         if s._abort or (s._closing and s._wbuf is None):
             self._close(s)
             return
-        want = (0 if s._closing else IN) | (OUT if s._wbuf is not None else 0)
+        if s._paused:               # past the high-water mark: reading resumes, and the
+            self.core.after_write(s, s._wbuf is not None)  # held commands run, below the low
+        want = (IN if self.core.wants_input(s) else 0) | (OUT if s._wbuf is not None else 0)
         if want != s._mask:
             s._mask = want
             self.loop.rewatch(s._fd, want)

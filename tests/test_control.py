@@ -329,6 +329,40 @@ def test_the_small_things_of_the_control_channel(mpxd, tmp_path):  # noqa: F811
     assert d.wait(timeout=5) == 0
 
 
+def test_a_control_client_that_does_not_read_is_held_back_not_buffered(mpxd, tmp_path):  # noqa: F811
+    # Its answers were queued up to 1 GiB: 400,000 "help" without reading
+    # grew mpxd by 240 MB, and 1,000 "sessions" in one write stalled the loop.
+    script = tmp_path / "handler.py"
+    script.write_text(HANDLER)
+    control = str(tmp_path / "control.sock")
+    d = mpxd(["--port", "0", "--host", "127.0.0.1", "--control", control, str(script)])
+    port = d.wait_listening()
+    greedy = socket.socket(socket.AF_UNIX)
+    greedy.connect(control)
+    greedy.setblocking(False)
+    commands = b"h\n" * 500000                 # each answered with an ERROR line
+    sent = 0
+    deadline = time.monotonic() + 3
+    while sent < len(commands) and time.monotonic() < deadline:
+        try:
+            sent += greedy.send(commands[sent:sent + 65536])
+        except BlockingIOError:
+            time.sleep(0.01)
+    assert sent < len(commands)                 # mpxd stopped reading: held back
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as other:
+        other.sendall(b"version\n")
+        assert other.recv(100) == b"version one\n"     # and everyone else is served
+    greedy.setblocking(True)
+    greedy.settimeout(10)
+    answered, received = 0, b""
+    while answered < sent // 2:                 # every command sent is answered, in time
+        received += greedy.recv(1 << 20)
+        answered = received.count(b"ERROR unknown command 'h' (try help)\n")
+    assert answered == sent // 2
+    greedy.close()
+    assert d.stop() == 0
+
+
 def test_a_stop_during_a_drain_says_it_cuts_it_short(served):
     d, load = served
     assert ask(d.control, "drain")[1] == "draining: 6 sessions open"
