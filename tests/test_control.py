@@ -80,6 +80,15 @@ def mpxctl(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=30)
 
 
+def with_control(mpxd, tmp_path, source: str, name: str = "handler.py"):  # noqa: F811
+    """A daemon serving ``source`` with a control socket: (daemon, socket path, port)."""
+    script = tmp_path / name
+    script.write_text(source)
+    control = str(tmp_path / "control.sock")
+    d = mpxd(["--port", "0", "--host", "127.0.0.1", "--control", control, str(script)])
+    return d, control, d.wait_listening()
+
+
 @pytest.fixture
 def served(mpxd, tmp_path):  # noqa: F811
     """A daemon with --control and --pidfile, and 6 clients keeping it busy."""
@@ -122,13 +131,9 @@ def test_stats_show_live_figures(served):
 def test_the_control_socket_keeps_no_closed_session_in_memory(mpxd, tmp_path):  # noqa: F811
     # Its per-listener tally kept every session until 1,024 more came: 200
     # closed sessions, each holding 5 MB in s.handle, kept 1 GB.
-    script = tmp_path / "fat.py"
-    script.write_text("def handle_request(s):\n"
-                      "    s.handle = bytearray(4_000_000)\n"
-                      "    s.response = 'ok'\n")
-    control = str(tmp_path / "control.sock")
-    d = mpxd(["--port", "0", "--host", "127.0.0.1", "--control", control, str(script)])
-    port = d.wait_listening()
+    d, control, port = with_control(mpxd, tmp_path, "def handle_request(s):\n"
+                                    "    s.handle = bytearray(4_000_000)\n"
+                                    "    s.response = 'ok'\n")
 
     def rss() -> int:
         with open(f"/proc/{d.pid}/status") as f:
@@ -165,11 +170,7 @@ def test_mpxctl_waits_for_a_busy_daemon_instead_of_calling_it_gone(mpxd, tmp_pat
     # With the loop busy, control clients queue up; past the queue's 16 a
     # connect fails at once (EAGAIN): status exited 3 at once, and
     # stop --wait took it for the daemon gone while it still drained.
-    script = tmp_path / "busy.py"
-    script.write_text(BUSY)
-    control = str(tmp_path / "control.sock")
-    d = mpxd(["--port", "0", "--host", "127.0.0.1", "--control", control, str(script)])
-    port = d.wait_listening()
+    d, control, port = with_control(mpxd, tmp_path, BUSY, "busy.py")
     slow = socket.create_connection(("127.0.0.1", port), timeout=10)
     slow.sendall(b"slow\n")
     time.sleep(0.2)
@@ -298,11 +299,7 @@ def test_drain_stops_accepting_and_exits_after_the_last_session(served):
 
 
 def test_the_small_things_of_the_control_channel(mpxd, tmp_path):  # noqa: F811
-    script = tmp_path / "handler.py"
-    script.write_text(HANDLER)
-    control = str(tmp_path / "control.sock")
-    d = mpxd(["--port", "0", "--host", "127.0.0.1", "--control", control, str(script)])
-    port = d.wait_listening()
+    d, control, port = with_control(mpxd, tmp_path, HANDLER, "handler.py")
     # No sessions: no output at all, not an empty line a "while read" loop runs on.
     raw = mpxctl("sessions", "--raw", "-c", control)
     assert (raw.returncode, raw.stdout) == (0, "")
@@ -332,11 +329,7 @@ def test_the_small_things_of_the_control_channel(mpxd, tmp_path):  # noqa: F811
 def test_a_control_client_that_does_not_read_is_held_back_not_buffered(mpxd, tmp_path):  # noqa: F811
     # Its answers were queued up to 1 GiB: 400,000 "help" without reading
     # grew mpxd by 240 MB, and 1,000 "sessions" in one write stalled the loop.
-    script = tmp_path / "handler.py"
-    script.write_text(HANDLER)
-    control = str(tmp_path / "control.sock")
-    d = mpxd(["--port", "0", "--host", "127.0.0.1", "--control", control, str(script)])
-    port = d.wait_listening()
+    d, control, port = with_control(mpxd, tmp_path, HANDLER, "handler.py")
     greedy = socket.socket(socket.AF_UNIX)
     greedy.connect(control)
     greedy.setblocking(False)
