@@ -114,8 +114,9 @@ class AccessRules:
         systemd passes one by default).  Reported: an ``--allow``
         that the same network's ``--deny`` always overrules; a loopback
         socket whose own address is refused (only local clients reach it:
-        ``--allow 10.0.0.0/8`` with the default ``--host``); a socket whose
-        whole address family is refused.
+        ``--allow 10.0.0.0/8`` with the default ``--host``), or another
+        127.x address whose clients come from a refused 127.0.0.1; a socket
+        whose whole address family is refused.
         """
         found = list(self._typos)
         denied = {network for network, allowed in self.rules if not allowed}
@@ -129,6 +130,13 @@ class AccessRules:
                 found.append(f"listening on {shown}, where only clients on this machine "
                              f"connect, but --allow/--deny refuse {address}: "
                              "none of them can connect")
+            elif address.version == 4 and address.is_loopback and \
+                    not self.allows("127.0.0.1"):
+                # Linux gives a local client 127.0.0.1 as its address, whichever
+                # 127.x address it connects to, unless it binds another itself.
+                found.append(f"listening on {shown}, but clients on this machine connect "
+                             f"from 127.0.0.1 (unless they bind {address} themselves), "
+                             "which --allow/--deny refuse")
             elif not address.is_loopback and self._refuses_all(address.version, denied) \
                     and not (dual and not self._refuses_all(4, denied)):
                 found.append(f"--allow/--deny refuse every IPv{address.version} "

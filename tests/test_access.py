@@ -91,6 +91,12 @@ def test_rules_describe_the_order_they_are_tried_in():
     ((), ("::/0", "0.0.0.0/0"), ["::dual"],
      ["--allow/--deny refuse every IPv6 client: nobody can connect to S::dual"]),
     (("10.0.0.0/8",), ("10.0.0.0/9", "10.128.0.0/9"), ["0.0.0.0"], []),  # see _refuses_all
+    # Local clients of 127.0.0.2 come from 127.0.0.1: allowing 127.0.0.2 alone
+    # refused them all, without a word.
+    (("127.0.0.2",), (), ["127.0.0.2"],
+     ["listening on S127.0.0.2, but clients on this machine connect from 127.0.0.1 "
+      "(unless they bind 127.0.0.2 themselves), which --allow/--deny refuse"]),
+    (("127.0.0.0/8",), (), ["127.0.0.2"], []),
 ])
 def test_rules_that_cannot_mean_what_they_say_are_named(allow, deny, listening, expected):
     rules = AccessRules(allow, deny)
