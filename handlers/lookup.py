@@ -54,6 +54,9 @@ def handle_request(s):
     if s.handle is None:
         # queue: [answer or None] per request, oldest first
         s.handle = {"queue": deque(), "in_flight": 0, "closing": False}
+    elif isinstance(s.handle, deque):   # made by an older version, before a HUP
+        s.handle = {"queue": s.handle, "closing": False,
+                    "in_flight": sum(1 for slot in s.handle if slot[0] is None)}
     state = s.handle
     if state["closing"]:
         return                          # disconnected once its answers are out

@@ -71,7 +71,7 @@ def handle_request(s):
     if s.handle is None:
         s.handle = {"count": 0, "queue": deque(), "busy": False, "closing": False}
     state = s.handle
-    if state["closing"]:
+    if state.setdefault("closing", False):  # setdefault: a handle from before a HUP
         return                          # disconnected once its answers are out
     if len(state["queue"]) >= MAX_WAITING:
         state["closing"] = True

@@ -130,6 +130,7 @@ class ControlServer:
         self.core.line_limit_is = "the control channel's limit of"
         self.conns: dict[int, Session] = {}
         self.soft_draining = False
+        self._exhausted_logged = False      # out of descriptors, said once per burst
         self.commands: dict[str, Callable[[Session, list[str]], str]] = {
             "stats": self.cmd_stats, "status": self.cmd_stats,   # as mpxctl names it
             "sessions": self.cmd_sessions,
@@ -163,6 +164,7 @@ class ControlServer:
                 else:
                     log.warning("control: accept failed: %s", e.strerror)
                 break
+            self._exhausted_logged = False
             os.set_blocking(fd, False)
             try:
                 creds = peer_credentials(fd)
@@ -188,7 +190,10 @@ class ControlServer:
         for its listeners; a waiting client made every poll return at once,
         and each logged a line (10,000 a second)."""
         fd = self.listener.sock.fileno()
-        log.warning("control: cannot accept: %s; pausing for %gs", e.strerror, ACCEPT_BACKOFF)
+        if not self._exhausted_logged:      # once per burst, as for the listeners
+            log.warning("control: cannot accept: %s; pausing for %gs at a time",
+                        e.strerror, ACCEPT_BACKOFF)
+            self._exhausted_logged = True
         self.loop.unwatch(fd)
         self.main.call_later(ACCEPT_BACKOFF, self._resume_accepting, fd)
 

@@ -27,6 +27,7 @@ import struct
 import termios
 from typing import Any, Callable
 
+from . import core as core_module
 from .config import Config
 from .core import Core, format_peer
 from .forks import keep_from_children
@@ -511,7 +512,9 @@ class Loop:
         self.core.interrupts_are_user_errors = True
 
     def _dispatch_signals(self) -> None:
-        for signum in self._wakeup.drain():
+        # Each signal once: ten HUPs that came during a slow import are one
+        # more reload, not ten (each pausing the service).
+        for signum in dict.fromkeys(self._wakeup.drain()):
             name = signal.Signals(signum).name.lower()
             getattr(self, "handle_" + name[3:])()
 
@@ -553,11 +556,15 @@ class Loop:
         try:
             # A stop need not wait for a slow (or hung) import: the TERM
             # abandons the reload and stays pending, so the drain follows.
+            # The serving core is current (not the control channel's, for an
+            # mpxctl reload): the script's threads hand work to it meanwhile.
+            core_module._current = self.core
             with self._wakeup.interrupting():
                 handlers = load_script(path, interruptible=False)
         except StopDuringImport as e:
+            # Not a failure: the stop that follows says STOPPING=1 itself.
             log.info("reload abandoned: %s during the import of %s", e, path)
-            problems.append(f"reload abandoned: {e} during the import; stopping")
+            return f"reload abandoned: {e} during the import; stopping"
         except ScriptError as e:
             failure = str(e)
         else:

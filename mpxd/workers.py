@@ -293,6 +293,9 @@ class Supervisor:
         """Every worker reloaded or refused: systemd's reload ends (READY=1)."""
         if self.reloading:
             return
+        if self.stopping:           # a stop abandoned the reload: STOPPING=1 says it
+            self.reload_failures = []
+            return
         if self.reload_failures:
             failure = self.reload_failures[0]
             log.error("reload failed in %s: %s",
