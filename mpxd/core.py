@@ -187,6 +187,8 @@ class Core:
 
     def _install(self, handlers: Handlers) -> None:
         self.handlers = handlers
+        if handlers.helpers is not None:
+            handlers.helpers.keep()     # the version it replaces may go
         # The first requests of each version go through a check that costs
         # the hot path nothing afterwards; see _check_request.
         self._handle_request = self._check_request

@@ -13,7 +13,7 @@ cause in one line; the CLI prints it and exits 1.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import difflib
 import functools
 import importlib.machinery
@@ -26,7 +26,7 @@ import sys
 import traceback
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable
 
 from .privileges import unreadable_python, user_name
 from .signals import StopDuringImport, signal_handlers_kept
@@ -54,6 +54,9 @@ class Handlers:
     on_start: Callable[[Any], Any] | None
     on_stop: Callable[[Any], Any] | None
     on_reload: Callable[[Any], Any] | None
+    # What loading this version did to sys.modules and sys.path, to undo
+    # should it be refused after all (``retire(version, serving)``).
+    helpers: HelperSwap | None = None
 
 
 def _kind(value: Any) -> str:
@@ -239,8 +242,13 @@ def load_script(path: str, interruptible: bool = True) -> Handlers:
     # Found anew on each load, so a HUP after a "current -> releases/v2"
     # switch imports v2's helpers.
     directory = os.path.dirname(os.path.realpath(path))
-    with _helpers_imported_afresh(path, directory):
-        return _run_and_check(path, code, interruptible)
+    helpers = HelperSwap(path, directory)
+    try:
+        handlers = _run_and_check(path, code, interruptible)
+    except BaseException:
+        helpers.put_back()
+        raise
+    return dataclasses.replace(handlers, helpers=helpers)
 
 
 def _warn_if_named_like_the_standard_library(path: str) -> None:
@@ -253,59 +261,110 @@ def _warn_if_named_like_the_standard_library(path: str) -> None:
                     "file instead; rename it", path, stem, stem)
 
 
-@contextlib.contextmanager
-def _helpers_imported_afresh(path: str, directory: str) -> Iterator[None]:
-    """Let the load import afresh what the script at ``path`` imported from beside it.
+class HelperSwap:
+    """Let one load import afresh the modules that live beside the script.
 
     So a HUP reload picks up an edited helper as a restart would, not only
-    an edited script.  If the load fails, the helpers go back into
-    ``sys.modules``: the version still serving keeps its own.
+    an edited script.  A helper is a module whose file (or package
+    directory) is in the script's directory, whether the script imported
+    it at its top or a handler did later; the modules mpxd itself ran
+    with before any script was loaded are not.  ``put_back`` undoes the
+    load for a version that is refused (it failed to load, or its
+    ``on_reload`` raised): the version still serving gets its own helpers
+    and ``sys.path`` again.  ``keep`` lets go of those once the new version
+    serves.
     """
-    # On the path, first, instead of the directory an earlier load of this
-    # script put there (a rollback from releases/v2 to v1 must import v1's
-    # helpers, not v2's).  A directory that was on the path already stays
-    # where it was.
-    path_before, inserted_before = list(sys.path), _inserted.get(path)
-    if inserted_before not in (None, directory) and inserted_before in sys.path:
-        sys.path.remove(inserted_before)
-        del _inserted[path]
-    if directory not in sys.path:
-        sys.path.insert(0, directory)
-        _inserted[path] = directory
-    # Keyed by both: the script's helpers wherever they were, and the
-    # directory's, which another script there (a second harness) imported.
-    known = _helpers.get(path, set()) | _helpers.get(directory, set())
-    taken = {name: sys.modules.pop(name) for name in known if name in sys.modules}
-    before = set(sys.modules)
-    try:
-        yield
-    except BaseException:
-        for name in taken:
+
+    def __init__(self, path: str, directory: str) -> None:
+        global _before_any_script
+        if _before_any_script is None:
+            _before_any_script = frozenset(sys.modules)
+        self.path = path
+        self.sys_path: list[str] | None = list(sys.path)
+        self.inserted = _inserted.get(path)
+        # On the path, first, instead of the directory an earlier load of
+        # this script put there (a rollback from releases/v2 to v1 must
+        # import v1's helpers, not v2's).  A directory that was on the path
+        # already stays where it was.
+        self.directories = {directory}
+        if self.inserted not in (None, directory):
+            self.directories.add(self.inserted)
+            if self.inserted in sys.path:
+                sys.path.remove(self.inserted)
+            del _inserted[path]
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+            _inserted[path] = directory
+        self.taken = {name: sys.modules.pop(name) for name in self._helpers_loaded()}
+        for module in self.taken.values():
+            _forget_bytecode_older_than_its_source(module)
+        self.before = set(sys.modules)
+
+    def _helpers_loaded(self, among: Iterable[str] | None = None) -> list[str]:
+        names = list(sys.modules) if among is None else list(among)
+        return [name for name in names
+                if name not in _before_any_script          # type: ignore[operator]
+                and any(_lives_in(name, each) for each in self.directories)]
+
+    def put_back(self) -> None:
+        """Give ``sys.modules`` and ``sys.path`` back to the version loaded before."""
+        if self.sys_path is None:
+            return              # that version is gone: this one serves
+        for name in self._helpers_loaded(sys.modules.keys() - self.before):
             sys.modules.pop(name, None)
-        sys.modules.update(taken)
-        sys.path[:] = path_before       # the version still serving imports as before
-        if inserted_before is None:
-            _inserted.pop(path, None)
+        sys.modules.update(self.taken)
+        sys.path[:] = self.sys_path
+        if self.inserted is None:
+            _inserted.pop(self.path, None)
         else:
-            _inserted[path] = inserted_before
-        raise
-    new = {name for name in sys.modules.keys() - before if _lives_in(name, directory)}
-    _helpers.setdefault(path, set()).update(new)
-    _helpers.setdefault(directory, set()).update(new)
+            _inserted[self.path] = self.inserted
+        self.keep()
+
+    def keep(self) -> None:
+        """The version this load made serves: let the one it replaced go."""
+        self.taken = {}
+        self.sys_path = None
 
 
-# script, and script directory -> the modules imported from beside it
-_helpers: dict[str, set[str]] = {}
+def _forget_bytecode_older_than_its_source(module: types.ModuleType) -> None:
+    """Remove a helper's cached ``.pyc`` if its source was written since.
+
+    Python trusts a ``.pyc`` whose recorded source time (in whole seconds)
+    and size match: a helper edited within the second it was imported in,
+    keeping its size (``LIMIT = 5`` to ``LIMIT = 7``), would reload as it
+    was.  Python writes a fresh one on the import that follows.
+    """
+    cached, source = getattr(module, "__cached__", None), getattr(module, "__file__", None)
+    if not (isinstance(cached, str) and isinstance(source, str) and source.endswith(".py")):
+        return
+    try:
+        if os.stat(cached).st_mtime_ns <= os.stat(source).st_mtime_ns:
+            os.unlink(cached)
+    except OSError:
+        pass        # no cache, or one we may not remove: Python compares as usual
+
+
+# The modules loaded before the first script was: mpxd's own and its libraries'
+_before_any_script: frozenset[str] | None = None
 # script -> the directory its load put on sys.path
 _inserted: dict[str, str] = {}
 
 
 def _lives_in(name: str, directory: str) -> bool:
     """Whether module ``name`` is a ``NAME.py`` or ``NAME/`` package in ``directory``."""
-    top = sys.modules.get(name.partition(".")[0])
-    file = getattr(top, "__file__", None)
-    if not file or name.startswith("_mpxd_script_") or name.partition(".")[0] == "mpxd":
+    top_name = name.partition(".")[0]
+    if top_name == "mpxd" or name.startswith("_mpxd_script_"):
         return False
+    top = sys.modules.get(top_name)
+    file = getattr(top, "__file__", None)
+    if not file:
+        # A directory without __init__.py (a namespace package) has no
+        # file, only its directories.
+        places = getattr(top, "__path__", None) or ()
+        try:
+            return os.path.join(directory, top_name) in {os.path.abspath(p) for p in places}
+        except TypeError:
+            return False
     file = os.path.abspath(file)
     if os.path.basename(file) == "__init__.py":
         file = os.path.dirname(file)
@@ -345,6 +404,8 @@ def retire(version: Handlers, serving: Handlers | None = None) -> None:
     goes back to the version that serves.  Whatever still uses a retired
     module (its timers, say) keeps it alive; nothing else does.
     """
+    if serving is not None and version.helpers is not None:
+        version.helpers.put_back()      # the helpers and sys.path the serving version had
     for name, module in list(sys.modules.items()):
         if module is version.module:
             if serving is not None and not name.startswith("_mpxd_script_"):

@@ -461,6 +461,86 @@ def test_helpers_beside_the_script_are_imported_afresh_on_every_load(tmp_path, w
     assert sys.modules[f"{package}.words"] is second.module.words
 
 
+def test_a_helper_edited_within_the_second_of_its_import_reloads_as_edited(
+        tmp_path, write_script, monkeypatch):
+    # Python trusts a .pyc whose recorded source time, to the second, and
+    # size match: "WORD = 'one'" edited to "WORD = 'two'" within the second
+    # it was imported in reloaded as 'one'.
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)     # as for users
+    helper = f"mpxd_test_helper_{uuid.uuid4().hex}"
+    source = tmp_path / f"{helper}.py"
+    source.write_text("WORD = 'one'\n")
+    second = 1_700_000_000 * 10**9
+    os.utime(source, ns=(second, second + 100_000_000))
+    path = write_script(f"import {helper}\n"
+                        f"def handle_request(s):\n    s.response = {helper}.WORD\n")
+    first = load_script(path)
+    cached = first.module.__dict__[helper].__cached__
+    assert os.path.exists(cached)
+    os.utime(cached, ns=(second, second + 200_000_000))
+    source.write_text("WORD = 'two'\n")
+    os.utime(source, ns=(second, second + 500_000_000))
+    assert answer(load_script(path)) == "two"
+
+
+def test_a_helper_a_handler_imported_is_imported_afresh_on_reload(tmp_path, write_script):
+    # Imported lazily, inside a handler: the reload did not know it was a
+    # helper, and the new version went on with the old one.
+    helper = f"mpxd_test_helper_{uuid.uuid4().hex}"
+    (tmp_path / f"{helper}.py").write_text("WORD = 'one'\n")
+    path = write_script("def handle_request(s):\n"
+                        f"    import {helper}\n"
+                        f"    s.response = {helper}.WORD\n")
+    first = load_script(path)
+    assert answer(first) == "one"
+    (tmp_path / f"{helper}.py").write_text("WORD = 'two, edited'\n")
+    assert answer(load_script(path)) == "two, edited"
+
+
+def test_a_helper_directory_without_init_is_imported_afresh(tmp_path, write_script):
+    # A namespace package has no __file__: it was never taken for a helper.
+    package = f"mpxd_test_namespace_{uuid.uuid4().hex}"
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "words.py").write_text("WORD = 'uno'\n")
+    path = write_script(f"from {package} import words\n"
+                        "def handle_request(s):\n    s.response = words.WORD\n")
+    first = load_script(path)
+    (tmp_path / package / "words.py").write_text("WORD = 'dos, edited'\n")
+    assert answer(load_script(path)) == "dos, edited"
+    assert answer(first) == "uno"
+
+
+def test_a_version_refused_by_on_reload_gives_back_the_helpers_and_path(
+        tmp_path, write_script):
+    # Only a failed load put them back: after an on_reload that raised, the
+    # version still serving imported the refused version's helpers, and its
+    # sys.path entries stayed.
+    helper = f"mpxd_test_helper_{uuid.uuid4().hex}"
+    (tmp_path / f"{helper}.py").write_text("WORD = 'one'\n")
+    serving = ("def handle_request(s):\n"
+               f"    import {helper}\n"
+               f"    s.response = {helper}.WORD\n")
+    path = write_script(serving)
+    path_before = list(sys.path)
+    with mpxd.testing.Harness(path) as h:
+        c = h.connect()
+        assert c.send("x") == ["one"]
+        (tmp_path / f"{helper}.py").write_text("WORD = 'two'\n")
+        write_script(f"import sys, {helper}\n"
+                     "sys.path.insert(0, '/nonexistent/vendor')\n" + serving +
+                     "def on_reload(old):\n    raise ValueError('refused')\n")
+        with pytest.raises(ScriptError, match="on_reload failed"):
+            h.reload()
+        assert sys.modules[helper].WORD == "one"
+        assert c.send("x") == ["one"]
+        assert "/nonexistent/vendor" not in sys.path
+        write_script(serving)
+        h.reload()                              # and the next one imports afresh
+        assert c.send("x") == ["two"]
+    assert [p for p in sys.path if p != str(tmp_path)] == \
+        [p for p in path_before if p != str(tmp_path)]
+
+
 # ------------------------------------------------------------------ --check
 
 def run_cli(*args: str):
