@@ -23,13 +23,12 @@ import logging
 import os
 import threading
 import time
-import traceback
 from collections import deque
 from typing import Any, Callable, Sequence
 
 from .config import Config
 from .framing import LineFramer
-from .logs import log_fast
+from .logs import formatted_exception, log_fast
 from .script import Handlers, retire
 from .session import Session, response_problem, short_repr
 from .signals import signal_handlers_kept
@@ -70,7 +69,7 @@ def user_traceback(exc: BaseException) -> str:
         tb = tb.tb_next
     if tb is None:
         tb = exc.__traceback__
-    text = "".join(traceback.format_exception(type(exc), exc, tb)).rstrip()
+    text = formatted_exception(exc, tb)
     if type(exc) is AttributeError and str(exc).startswith("'Session' object has no attribute"):
         text += ("\n(a session has only the attributes mpxd gives it: keep your own "
                  "per-session state in s.handle, as in s.handle = {'count': 0})")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import re
 import sys
 import threading
 import time
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from .core import Core
 
 __all__ = ["setup_logging", "reopen_log_files", "stderr_is_journal", "LEVELS",
-           "BurstLog", "counted", "log_fast", "start_batching", "stop_batching", "flush_batched", "lines_waiting"]
+           "BurstLog", "counted", "log_fast", "formatted_exception", "start_batching", "stop_batching", "flush_batched", "lines_waiting"]
 
 log = logging.getLogger("mpxd")
 
@@ -431,6 +432,48 @@ def stderr_is_journal(stream=None) -> bool:
     return (st.st_dev, st.st_ino) == (int(device), int(inode))
 
 
+# What a message may not bring into a log line as it is: control characters
+# (CR, ESC and its ANSI sequences, the C1 set) and Unicode's line separators.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _as_log_text(text: str) -> str:
+    """``text`` with control characters escaped, and its lines after the first indented."""
+    body = text.rstrip("\n")
+    body = _UNSAFE.sub(lambda m: repr(m.group())[1:-1], body)
+    return body.replace("\n", "\n    ") + text[len(body):]
+
+
+def formatted_exception(exc: BaseException, tb: Any = None) -> str:
+    """``exc`` and its traceback (from ``tb`` on, if given) as Python prints them, for the log.
+
+    The frames come from source files, but the messages may hold a client's
+    text (``raise ValueError(s.request)``, ``eval(s.request)``): there,
+    control characters are escaped and the lines after a message's first
+    are indented, so that a client can neither rewrite the terminal nor
+    write what passes for a log line of its own.
+    """
+    te = traceback.TracebackException(type(exc), exc, tb or exc.__traceback__, compact=True)
+    _defang(te, set())
+    return "".join(te.format()).rstrip()
+
+
+def _defang(te: traceback.TracebackException | None, seen: set[int]) -> None:
+    """Make the messages of ``te``, its causes, contexts and group members log-safe."""
+    if te is None or id(te) in seen:
+        return
+    seen.add(id(te))
+    for name in ("_str", "text", "msg"):        # the message; a SyntaxError's line too
+        value = getattr(te, name, None)
+        if isinstance(value, str):
+            setattr(te, name, _as_log_text(value))
+    notes = getattr(te, "__notes__", None)
+    if isinstance(notes, list):
+        te.__notes__ = [_as_log_text(n) if isinstance(n, str) else n for n in notes]
+    for other in (te.__cause__, te.__context__, *(getattr(te, "exceptions", None) or ())):
+        _defang(other, seen)
+
+
 def _log_thread_error(args: threading.ExceptHookArgs) -> None:
     """An exception that ended a thread the script started: into the log, as a handler's.
 
@@ -440,9 +483,9 @@ def _log_thread_error(args: threading.ExceptHookArgs) -> None:
     if args.exc_type is SystemExit:     # as Python's hook: a thread's way to end
         return
     name = args.thread.name if args.thread is not None else "?"
-    log.error("thread %s of the script failed:\n%s", name, "".join(
-        traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)
-    ).rstrip())
+    log.error("thread %s of the script failed:\n%s", name,
+              formatted_exception(args.exc_value, args.exc_traceback)
+              if args.exc_value is not None else args.exc_type.__name__)
 
 
 def setup_logging(level: str = "info", log_file: str | None = None,

@@ -482,13 +482,40 @@ def test_a_syslog_that_does_not_answer_is_said_once_not_per_line(monkeypatch, tm
         setup_logging("info", stream=io.StringIO())
 
 
+def test_exception_messages_are_escaped_for_the_log_but_frames_are_not():
+    # Messages, notes and a SyntaxError's offending line may be a client's
+    # text; the source lines of the frames are the script's own.
+    def parse(text):
+        try:
+            eval(text)                  # a calculator handler's way to fail
+        except SyntaxError as e:
+            raise KeyError(f"cannot parse:\n{text}") from e
+
+    try:
+        parse("1 +\x1b[31m")
+    except KeyError as e:
+        e.add_note("line one\nline two\x07")
+        text = logs.formatted_exception(e)
+    assert "\x1b" not in text and "\x07" not in text
+    assert "    1 +\\x1b[31m\n" in text                  # the SyntaxError's line
+    assert "KeyError: 'cannot parse:\\n1 +\\x1b[31m'" in text  # repr'd by KeyError itself
+    assert text.endswith("line one\n    line two\\x07")
+    assert 'raise KeyError(f"cannot parse:\\n{text}") from e' in text   # source as it is
+
+    try:
+        raise ExceptionGroup("two\rfailures", [ValueError("a\nb"), OSError("c")])
+    except ExceptionGroup as e:
+        text = logs.formatted_exception(e)
+    assert "two\\rfailures" in text and "ValueError: a\n    |     b" in text
+
+
 def test_a_script_threads_exception_goes_to_the_log(mpxd, tmp_path):
     # Python's own hook printed it on stderr: not the --log-file, and under
     # --daemon nowhere at all.
     script = tmp_path / "poller.py"
     script.write_text("import threading\n"
                       "def poll():\n"
-                      "    raise RuntimeError('poller died')\n"
+                      "    raise RuntimeError('poller died\\n2026 forged')\n"
                       "def on_start(server):\n"
                       "    threading.Thread(target=poll, name='poller', daemon=True).start()\n"
                       "def handle_request(s):\n"
@@ -500,7 +527,8 @@ def test_a_script_threads_exception_goes_to_the_log(mpxd, tmp_path):
                       timeout=10)
     text = log_file.read_text()
     assert re.search(r"ERROR thread poller of the script failed:\nTraceback .*"
-                     r"in poll\n.*\nRuntimeError: poller died", text, re.S), text
+                     r"in poll\n.*\nRuntimeError: poller died\n    2026 forged\n", text,
+                     re.S), text
     m.signal(signal.SIGTERM)
     assert m.wait() == 0
     assert "poller died" not in m.log()         # stderr

@@ -265,6 +265,22 @@ def test_handler_exceptions_are_logged_with_peer_request_and_traceback(harness, 
     assert messages[1].startswith(f"session {c.session.id} 203.0.113.5:4242 closed: error,")
 
 
+def test_a_clients_text_in_an_exception_message_cannot_forge_log_lines(harness, caplog):
+    # The request was quoted, but the traceback's last line, the message,
+    # went to the log raw: a client's CR, ANSI escapes and (through the
+    # handler's own decoding) newlines with it.
+    h = harness("""
+def handle_request(s):
+    raise ValueError("bad command: " + s.request.replace("|", "\\n"))
+""")
+    forged = "2026-12-01 12:00:00,000 mpxd[1] ERROR session 9 closed"
+    with caplog.at_level(logging.ERROR, logger="mpxd"):
+        h.connect().send(f"x\r|{forged}\x1b[2J\x9b")
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.endswith(f"ValueError: bad command: x\\r\n    {forged}\\x1b[2J\\x9b")
+    assert not any(line.startswith("2026") for line in message.splitlines())
+
+
 def test_tracebacks_start_at_the_users_code(harness, caplog):
     # The loop's frames above the handler were the same every time.
     h = harness("""
