@@ -146,7 +146,9 @@ def _envvar(param: click.Parameter) -> str:
               help="Log to this file instead of stderr; SIGUSR1 reopens it.")
 @click.option("--syslog", is_flag=True, help="Log to syslog (facility daemon).")
 @click.option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info",
-              show_default=True, help="Least severe level logged ('listening on' and the other start, reload and stop lines are INFO).")
+              show_default=True,
+              help="Least severe level logged ('listening on' and the other start, "
+                   "reload and stop lines are INFO).")
 @click.option("--session-log/--no-session-log", default=True, show_default=True,
               help="Log one INFO line per closed session (peer, duration, requests, "
                    "bytes, reason).  Under heavy connection churn writing it is "
