@@ -32,7 +32,7 @@ from .loop import Loop, prepare_listeners, raise_descriptor_limit
 from .pidfile import PidFile, PidFileError
 from .privileges import PrivilegeError, drop_privileges
 from .script import ScriptError, load_script
-from .signals import StopDuringImport, Wakeup
+from .signals import StopDuringImport, Wakeup, tracebacks_on_fatal_signals
 from .systemd import Notifier, listen_fds
 from .workers import supervise
 
@@ -325,6 +325,7 @@ def run(config: Config, inherited: list) -> int:
     # the loop.  Not earlier: the --daemon launcher must keep its defaults.
     wakeup = Wakeup()
     wakeup.install()
+    tracebacks_on_fatal_signals()
     pidfile = PidFile(config.pidfile) if config.pidfile else None
     listeners: list = []
     edge: Edge | None = None

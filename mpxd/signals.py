@@ -15,6 +15,7 @@ loop does not run: inside ``interrupting()`` a stop signal (TERM, INT, QUIT) rai
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -24,7 +25,7 @@ import time
 from typing import Iterator
 
 __all__ = ["Wakeup", "HANDLED_SIGNALS", "STOP_SIGNALS", "StopDuringImport",
-           "signal_handlers_kept"]
+           "signal_handlers_kept", "tracebacks_on_fatal_signals"]
 
 log = logging.getLogger("mpxd")
 
@@ -45,6 +46,18 @@ KEEP_YOURS_OUT = ("mpxd keeps its own (TERM, INT and QUIT stop gracefully, HUP r
 STUCK_AFTER = 2.0
 STUCK_MESSAGE = (b"mpxd: 3 stop signals in %.0fs and the loop took up none: a handler "
                  b"(or a timer, or on_reload) is stuck; exiting now, without a drain\n")
+
+
+def tracebacks_on_fatal_signals() -> None:
+    """On SIGABRT, SIGSEGV and the like, write where every thread was to stderr.
+
+    systemd's watchdog ends a daemon whose loop a handler blocks with
+    SIGABRT: the journal then shows the handler's line, not only the
+    restart.  A crash in a C extension shows where it was called from.
+    It goes to stderr: the journal under systemd, the log file under
+    ``--daemon --log-file``.
+    """
+    faulthandler.enable(file=2, all_threads=True)
 
 
 @contextlib.contextmanager
@@ -220,6 +233,7 @@ class Wakeup:
             self._stops.append(now)
             if len(self._stops) >= 3 and now - self._stops[0] >= STUCK_AFTER:
                 os.write(2, STUCK_MESSAGE % (now - self._stops[0]))
+                faulthandler.dump_traceback(2, all_threads=True)    # where it is stuck
                 os._exit(1)
             if self._interrupting:
                 self._interrupting = False      # once: cleanup code is not interrupted

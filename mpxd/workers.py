@@ -68,7 +68,8 @@ from .loop import MAX_WAIT, USR2_IGNORED, Loop, prepare_listeners
 from .pidfile import PidFile, PidFileError
 from .privileges import PrivilegeError, drop_privileges, ids_of
 from .script import ScriptError, load_script
-from .signals import HANDLED_SIGNALS, STOP_SIGNALS, StopDuringImport, Wakeup
+from .signals import (HANDLED_SIGNALS, STOP_SIGNALS, StopDuringImport, Wakeup,
+                      tracebacks_on_fatal_signals)
 from .systemd import Notifier
 from .timers import TimerHeap
 
@@ -125,6 +126,7 @@ def supervise(config: Config, inherited: list[socket.socket], count: int) -> int
         if not config.log_file and not config.syslog:
             log.warning("--daemon without --log-file or --syslog: log lines are discarded")
         detached = detach(reopenable[0].stream.fileno() if reopenable else None)
+    tracebacks_on_fatal_signals()       # the workers, forked, keep it
     pidfile = PidFile(config.pidfile) if config.pidfile else None
     try:
         if pidfile is not None:

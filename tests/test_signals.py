@@ -352,7 +352,28 @@ def test_a_third_stop_signal_ends_a_stuck_daemon(daemon, tmp_path):
         time.sleep(1.1)
     d.expect_log(r"mpxd: 3 stop signals in 2s and the loop took up none: a handler "
                  r"\(or a timer, or on_reload\) is stuck; exiting now, without a drain")
+    # And where: the stuck line, so that the operator need not guess.
+    d.expect_log(r'File "[^"]*stuck.py", line 3 in handle_request')
     assert d.stop() == 1
+
+
+def test_a_watchdogs_abort_logs_where_the_handler_is_stuck(daemon, tmp_path):
+    # systemd's watchdog sends SIGABRT to a daemon whose loop a handler
+    # blocks: the journal showed the restart, and nothing of why.
+    script = tmp_path / "stuck.py"
+    script.write_text("def spin():\n"
+                      "    while True:\n"
+                      "        pass\n"
+                      "def handle_request(s):\n"
+                      "    spin()\n")
+    d = daemon(str(script))
+    client = d.connect()
+    client.send("x\n")
+    time.sleep(0.3)                             # the handler spins now
+    d.signal(signal.SIGABRT)
+    d.expect_log(r"Fatal Python error: Aborted")
+    d.expect_log(r'stuck.py", line [23] in spin\r?\n.*stuck.py", line 5 in handle_request')
+    assert d.stop() == -signal.SIGABRT          # the default action stays
 
 
 def test_stop_signals_in_a_quick_burst_still_drain(daemon):
