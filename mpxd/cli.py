@@ -339,8 +339,8 @@ def run(config: Config, inherited: list) -> int:
         listeners = listeners + edge.sockets
         prepare_listeners(listeners, config.keepalive)
         drop_privileges(config.user, config.group)
-        with wakeup.interrupting():     # an import may take long: TERM need not wait
-            handlers = load_script(config.script, interruptible=False)
+        # An import may take long: TERM need not wait.
+        handlers = load_script(config.script, interruptible=False, stoppable_by=wakeup)
     except (PidFileError, ListenError, PrivilegeError, ScriptError) as e:
         _release(listeners, edge, pidfile, wakeup)
         return start_failed(str(e), detached, config.daemon)

@@ -559,8 +559,7 @@ class Loop:
             # The serving core is current (not the control channel's, for an
             # mpxctl reload): the script's threads hand work to it meanwhile.
             core_module._current = self.core
-            with self._wakeup.interrupting():
-                handlers = load_script(path, interruptible=False)
+            handlers = load_script(path, interruptible=False, stoppable_by=self._wakeup)
         except StopDuringImport as e:
             # Not a failure: the stop that follows says STOPPING=1 itself.
             log.info("reload abandoned: %s during the import of %s", e, path)

@@ -13,6 +13,7 @@ cause in one line; the CLI prints it and exits 1.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from .privileges import unreadable_python, user_name
-from .signals import StopDuringImport, signal_handlers_kept
+from .signals import StopDuringImport, Wakeup, signal_handlers_kept
 
 log = logging.getLogger("mpxd")
 
@@ -120,18 +121,22 @@ def _refuse_deferred(path: str, name: str, fn: Callable) -> None:
                           f"yield) and would never run: write a plain def")
 
 
-def _run_without_a_server(code: types.CodeType, module: types.ModuleType) -> None:
+def _run_without_a_server(code: types.CodeType, module: types.ModuleType,
+                          stoppable_by: Wakeup | None) -> None:
     """Run the module's code as at start-up, when no server runs yet.
 
     On a HUP reload a server does run; ``mpxd.call_every`` at module level
     would work then and fail at the next start, so it fails on reload too.
+    A stop signal to ``stoppable_by`` interrupts the code (and only it, not
+    mpxd's bookkeeping around it).
     """
     from . import core          # core imports this module: not at the top
     running, core._current = core._current, None
     core._importing_over = running     # its script's threads may still hand work over
     pid = os.getpid()
+    stoppable = stoppable_by.interrupting() if stoppable_by else contextlib.nullcontext()
     try:
-        with signal_handlers_kept(module.__file__, "at import"):
+        with stoppable, signal_handlers_kept(module.__file__, "at import"):
             exec(code, module.__dict__)
     except BaseException:
         _end_a_forked_child(pid, module.__file__, 1)
@@ -201,7 +206,8 @@ def _hint(exc: BaseException, path: str) -> str:
     return ""
 
 
-def load_script(path: str, interruptible: bool = True) -> Handlers:
+def load_script(path: str, interruptible: bool = True,
+                stoppable_by: Wakeup | None = None) -> Handlers:
     """Compile, execute and validate the script at ``path``.
 
     Raises ``ScriptError`` with a one-line message for a missing or
@@ -209,7 +215,9 @@ def load_script(path: str, interruptible: bool = True) -> Handlers:
     while the module runs, or a missing or non-callable ``handle_request``.
     A KeyboardInterrupt (the user's ^C) goes through, unless not
     ``interruptible``: a daemon's SIGINT does not raise one, so there it is
-    the script's own error too.  ``StopDuringImport`` always goes through.
+    the script's own error too.  ``StopDuringImport`` always goes through:
+    a stop signal to ``stoppable_by`` (the daemon's ``Wakeup``) raises it
+    in the script's code, or as it ends, never in mpxd's own steps.
     """
     path = os.path.abspath(path)
     try:
@@ -244,7 +252,7 @@ def load_script(path: str, interruptible: bool = True) -> Handlers:
     directory = os.path.dirname(os.path.realpath(path))
     helpers = HelperSwap(path, directory)
     try:
-        handlers = _run_and_check(path, code, interruptible)
+        handlers = _run_and_check(path, code, interruptible, stoppable_by)
     except BaseException:
         helpers.put_back()
         raise
@@ -373,7 +381,8 @@ def _lives_in(name: str, directory: str) -> bool:
     return os.path.dirname(file) == directory
 
 
-def _run_and_check(path: str, code: types.CodeType, interruptible: bool) -> Handlers:
+def _run_and_check(path: str, code: types.CodeType, interruptible: bool,
+                   stoppable_by: Wakeup | None) -> Handlers:
     """Execute the compiled script as a new module and collect its handlers."""
     # A private, unique name: reloads and several scripts never collide, and
     # nothing the user imports can shadow it.
@@ -384,7 +393,7 @@ def _run_and_check(path: str, code: types.CodeType, interruptible: bool) -> Hand
     for each in names:
         sys.modules[each] = module
     try:
-        return _execute_and_collect(path, code, module, interruptible)
+        return _execute_and_collect(path, code, module, interruptible, stoppable_by)
     except BaseException:
         for each in names:
             if sys.modules.get(each) is module:
@@ -460,10 +469,10 @@ def _near_misses(module: types.ModuleType) -> dict[str, str]:
 
 
 def _execute_and_collect(path: str, code: types.CodeType, module: types.ModuleType,
-                         interruptible: bool) -> Handlers:
+                         interruptible: bool, stoppable_by: Wakeup | None) -> Handlers:
     """Run the module's code; collect and check its handlers, or raise ScriptError."""
     try:
-        _run_without_a_server(code, module)
+        _run_without_a_server(code, module, stoppable_by)
     except SystemExit as e:
         raise ScriptError(f"{path}: called exit({e.code}) at import") from None
     except BaseException as e:  # noqa: BLE001 - any failure is the script's

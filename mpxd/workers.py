@@ -550,8 +550,7 @@ def _serve_as_worker(config: Config, number: int, status_fd: int,
         prepare_listeners(listeners, config.keepalive)
         drop_privileges(config.user, config.group, warn=number == 1)
         _die_with_parent(parent)
-        with wakeup.interrupting():
-            handlers = load_script(config.script, interruptible=False)
+        handlers = load_script(config.script, interruptible=False, stoppable_by=wakeup)
     except (ListenError, PrivilegeError, ScriptError) as e:
         _report(status_fd, f"error {e}")
         return 1

@@ -14,14 +14,17 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+import uuid
 
 import pexpect
 import pytest
 
 from conftest import HANDLERS, MPXD, ROOT, LineClient, wait_until
 from spawn import mpxd, pid_gone  # noqa: F401 - a fixture
+from mpxd import script
 from mpxd.signals import StopDuringImport, Wakeup
 
 # VERSION is what HUP tests change; s.handle counts this session's requests.
@@ -158,6 +161,35 @@ def test_interrupting_raises_for_a_stop_signal_once_and_keeps_it_pending():
         assert wakeup.stop_pending == signal.SIGINT
     finally:
         wakeup.close()
+
+
+def test_a_stop_during_a_reload_lands_in_the_script_not_in_mpxds_bookkeeping(
+        tmp_path, monkeypatch):
+    # The whole load was interruptible: a TERM while mpxd swapped the
+    # helpers left sys.path and sys.modules half done for the version that
+    # drains.  Now it waits for the script's code and is raised there.
+    helper = f"mpxd_test_helper_{uuid.uuid4().hex}"
+    (tmp_path / f"{helper}.py").write_text("WORD = 'one'\n")
+    path = tmp_path / "app.py"
+    path.write_text(f"import {helper}\ndef handle_request(s):\n    s.response = {helper}.WORD\n")
+    first = script.load_script(str(path))
+    path_before, serving_helper = list(sys.path), sys.modules[helper]
+
+    def term_in_the_middle(module):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)                 # the signal's handler runs meanwhile
+    monkeypatch.setattr(script, "_forget_bytecode_older_than_its_source", term_in_the_middle)
+    wakeup = Wakeup()
+    try:
+        wakeup.install((signal.SIGTERM,))
+        with pytest.raises(StopDuringImport):
+            script.load_script(str(path), interruptible=False, stoppable_by=wakeup)
+        assert wakeup.stop_pending == signal.SIGTERM
+    finally:
+        wakeup.close()
+    assert sys.path == path_before
+    assert sys.modules[helper] is serving_helper
+    assert first.module.__dict__[helper] is serving_helper
 
 
 def test_a_forked_child_gets_default_signal_handling_back():
