@@ -727,8 +727,9 @@ class Core:
         self.check_thread("set_idle_timeout")
         if seconds is not None:
             seconds = as_seconds(seconds, "set_idle_timeout needs seconds or None")
-        if seconds is not None and seconds != seconds:
-            raise ValueError("set_idle_timeout needs seconds or None, not nan")
+        if seconds is not None and not seconds >= 0:     # nan too
+            raise ValueError(f"set_idle_timeout needs seconds (0 or None: off), "
+                             f"not {seconds}")
         if s._idle_timer is not None:
             s._idle_timer.cancel()
             s._idle_timer = None

@@ -153,7 +153,11 @@ def send_response(s: Session) -> bool:
     cannot encode; ``RuntimeError`` from another thread (see
     ``call_soon_threadsafe``).
     """
-    s._core.check_thread("send_response")
+    try:
+        core = s._core
+    except AttributeError:
+        raise _not_a_session("send_response", s) from None
+    core.check_thread("send_response")
     text = s.response
     if not isinstance(text, str) or not text.isascii():
         problem = response_problem(text)
@@ -163,7 +167,7 @@ def send_response(s: Session) -> bool:
     if s._closed:
         return False
     if text:
-        return s._core.enqueue(s, text)
+        return core.enqueue(s, text)
     return True
 
 
@@ -206,5 +210,16 @@ def close_session(s: Session) -> None:
     Lines already received but not yet handled are dropped.  ``handle_close``
     runs once the connection is closed.  ``RuntimeError`` from another thread.
     """
-    s._core.check_thread("close_session")
-    s._core.request_close(s, "close_session")
+    try:
+        core = s._core
+    except AttributeError:
+        raise _not_a_session("close_session", s) from None
+    core.check_thread("close_session")
+    core.request_close(s, "close_session")
+
+
+def _not_a_session(what: str, value: object) -> TypeError:
+    # send_response(find(nick)) after that user left passes None: mpxd's own
+    # AttributeError ('NoneType' object has no attribute '_core') said
+    # nothing of the call that was wrong.
+    return TypeError(f"{what} needs a session, not {short_repr(value)}")
