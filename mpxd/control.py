@@ -323,7 +323,7 @@ class ControlServer:
         lines = []
         for x in list(self.main.sessions_by_id.values()):
             line = (f"{x.id} {format_peer(x.peer)} age={now - x._started:.1f} "
-                    f"idle={now - x._last_input:.1f} requests={x._requests} "
+                    f"idle={now - x._last_active:.1f} requests={x._requests} "
                     f"queued={x._out_size}")
             tls_peer = getattr(x, "tls_peer", None)
             if tls_peer:

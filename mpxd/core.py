@@ -304,7 +304,7 @@ class Core:
             # close_session (perhaps from another session or a timer earlier
             # in this pass) means no further input of s is processed.
             return
-        s._last_input = self.now
+        s._last_active = self.now
         framer = s._framer
         lines = framer.feed(data)
         if lines:
@@ -736,7 +736,7 @@ class Core:
         s._idle_timeout = seconds if seconds and seconds > 0 else None
         if s._idle_timeout is not None and not s._finished:
             s._idle_timer = self.timers.add(
-                s._last_input + s._idle_timeout, self._check_idle, (s,))
+                s._last_active + s._idle_timeout, self._check_idle, (s,))
 
     def _check_idle(self, s: Session) -> None:
         # Input only records a time; the timer re-arms itself lazily, so a
@@ -744,7 +744,15 @@ class Core:
         s._idle_timer = None
         if s._finished or s._idle_timeout is None:
             return
-        deadline = s._last_input + s._idle_timeout
+        took_output, s._idle_out = s._bytes_out != s._idle_out, s._bytes_out
+        if s._jobs or (took_output and (s._paused or s._held is not None)):
+            # Not idle, though no input came: it waits for a run_in_thread
+            # job's answer, or mpxd stopped reading it (backpressure) while
+            # its client takes the answers to requests received already,
+            # which closing would drop.  (Output alone, a ticker's to a
+            # dead client, is no sign of life.)
+            s._last_active = self.now
+        deadline = s._last_active + s._idle_timeout
         if deadline <= self.now:
             self.request_close(s, "timeout")
         else:

@@ -41,7 +41,8 @@ class Session:
         # core bookkeeping (read-only to handlers as peer, id, closed, tls_peer)
         "_peer", "_id", "_closed", "_tls_peer", "_core", "_framer", "_batch", "_out", "_out_size", "_held",
         "_paused", "_eof", "_closing", "_abort", "_reason", "_finished",
-        "_started", "_last_input", "_idle_timeout", "_idle_timer", "_stall_timer",
+        "_started", "_last_active", "_idle_out", "_idle_timeout", "_idle_timer",
+        "_stall_timer",
         "_requests", "_bytes_in", "_bytes_out", "_jobs",
         # I/O edge bookkeeping
         "_fd", "_tls", "_wbuf", "_woff", "_mask", "_write", "_throttled",
@@ -69,7 +70,8 @@ class Session:
         self._reason = ""                      # why it ends: eof, reset, timeout, ...
         self._finished = False                 # handle_close has run
         self._started = now
-        self._last_input = now
+        self._last_active = now                # last input, or output taken (idle timeout)
+        self._idle_out = 0                     # _bytes_out when the idle timer last looked
         self._idle_timeout: float | None = None
         self._idle_timer: Any = None
         self._stall_timer: Any = None          # a closing session's output not taken

@@ -484,6 +484,43 @@ def test_idle_sessions_are_closed_and_busy_ones_are_not(mpxd_run):
     assert d.count_log("closed: timeout") == 1
 
 
+BIG_ANSWERS = """
+def handle_request(s):
+    s.response = s.request + " " + "x" * 100_000
+"""
+
+
+def test_a_pipeline_held_back_by_backpressure_is_not_idle(mpxd_run, tmp_path):
+    # Past the high-water mark mpxd stops reading, so no input comes: the
+    # idle timeout closed the session and dropped the requests it had
+    # received already (44 of 200 answered, no error).
+    script = tmp_path / "big.py"
+    script.write_text(BIG_ANSWERS)
+    d = mpxd_run(str(script), "--idle-timeout", "1", "--send-timeout", "1")
+    sock = d.connect()
+    sock.sendall(b"".join(b"%d\n" % i for i in range(200)))
+    time.sleep(1.5)                 # busy elsewhere; then reads it all
+    data, how = read_until_closed_or(sock, lines=200)
+    assert data.count(b"\n") == 200, (data.count(b"\n"), how)
+    # A client that reads nothing is still closed, once its output stops
+    # (and then given --send-timeout to take what is queued).
+    dead = d.connect()
+    dead.sendall(b"".join(b"%d\n" % i for i in range(200)))
+    d.wait_log(r"session 2 127\.0\.0\.1:\d+ closed: timeout", timeout=10)
+
+
+def read_until_closed_or(sock: socket.socket, lines: int) -> tuple[bytes, str]:
+    """What comes until ``lines`` lines have, or the server closes."""
+    chunks, count = [], 0
+    while count < lines:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return b"".join(chunks), "closed"
+        chunks.append(chunk)
+        count += chunk.count(b"\n")
+    return b"".join(chunks), "all"
+
+
 def test_idle_timeout_is_off_by_default(mpxd_run):
     d = mpxd_run(COUNTER)
     sock = d.connect()

@@ -971,6 +971,52 @@ def test_idle_timeout_closes_quiet_sessions(harness):
     assert h.module.closed == [(c.session.id, 1)]
 
 
+def test_a_session_waiting_for_a_thread_job_is_not_idle(harness):
+    # lookup.py --idle-timeout 2: a 4 s lookup was closed unanswered at 2 s.
+    h = harness("""
+from mpxd import run_in_thread, send_response
+
+def answer(s, result):
+    s.response = result
+    send_response(s)
+
+def handle_request(s):
+    run_in_thread(str.upper, s.request, then=lambda r: answer(s, r))
+""", idle_timeout=2)
+    c = h.connect()
+    assert c.send("slow") == []
+    h.advance(10)                   # the job still runs
+    assert not c.closed
+    h.run_threads()
+    assert c.new() == ["SLOW"]
+    h.advance(2)
+    assert c.closed and c.close_reason == "timeout"
+
+
+def test_output_alone_does_not_keep_a_session_from_its_idle_timeout(harness):
+    # A ticker's output to a client that went away is no sign of life.
+    h = harness("""
+from mpxd import call_every, send_response
+
+def handle_open(s):
+    def tick():
+        s.response = "tick"
+        send_response(s)
+    s.handle = call_every(1, tick)
+
+def handle_close(s):
+    s.handle.cancel()
+
+def handle_request(s):
+    pass
+""", idle_timeout=5)
+    c = h.connect()
+    h.advance(4.5)
+    assert not c.closed
+    h.advance(1)
+    assert c.closed and c.close_reason == "timeout"
+
+
 def test_handlers_can_set_their_own_idle_timeout(harness):
     h = harness("""
 def handle_request(s):
