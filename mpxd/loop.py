@@ -305,11 +305,18 @@ class Loop:
         accept = listener._accept
         inet = listener.family != socket.AF_UNIX
         admit = self.admission.get(listener.fileno())     # None: plain TCP
+        lingering = self.lingering
         for _ in range(ACCEPT_BATCH):
             if len(conns) + self.admitting >= self.max_connections:
                 # New clients wait in the kernel's backlog until room frees.
                 self._stop_accepting()
                 return
+            if lingering and len(conns) + self.admitting + len(lingering) >= \
+                    self.max_connections:
+                # A lingering close holds a descriptor too: clients that
+                # never hang up (closed by an idle timeout) ran the daemon
+                # out of them below the limit.  The oldest has waited longest.
+                self._end_linger(next(iter(lingering)))
             try:
                 fd, addr = accept()
             except (BlockingIOError, InterruptedError):

@@ -385,6 +385,24 @@ def test_running_out_of_descriptors_pauses_accepting_and_recovers(mpxd_run, writ
     assert d.stop() == 0
 
 
+def test_lingering_closes_count_within_max_connections(mpxd_run, tmp_path):
+    # A closed session keeps its descriptor up to 2 s for the client's
+    # EOF.  Clients that never hang up, closed by the idle timeout, ran a
+    # daemon at its default --max-connections out of descriptors.
+    script = tmp_path / "quiet.py"
+    script.write_text("def handle_request(s):\n    s.response = 'ok'\n")
+    d = mpxd_run(str(script), "--idle-timeout", "0.3", nofile=100)   # 68 connections
+    first = [d.connect() for _ in range(68)]
+    assert wait_until(lambda: d.count_log(r"closed: timeout") == 68)
+    second = [d.connect() for _ in range(68)]
+    for sock in second:
+        assert ask(sock, "x") == "ok"
+    assert d.count_log(r"cannot accept") == 0
+    for sock in first + second:
+        sock.close()
+    assert d.stop() == 0
+
+
 def test_running_out_of_descriptors_pauses_the_control_socket_too(mpxd_run, write_script,
                                                                    tmp_path):
     # A control client waiting while descriptors ran out made every poll
