@@ -69,6 +69,7 @@ ACCEPT_BATCH = 128
 # CPU cost within the benchmark's noise (0 to 2%).
 WRITE_EVERY = 16
 ACCEPT_BACKOFF = 0.1            # seconds without accepting after EMFILE
+FULL_WARNING_EVERY = 60.0       # seconds between "--max-connections reached" warnings
 # The longest poll wait: a far timer (call_later(1e300, ...), EXPIRE 1e300
 # in handlers/kv.py, --drain-timeout 1e300 in the --workers supervisor)
 # would overflow poll's timeout; waking once an hour to find nothing due
@@ -149,6 +150,7 @@ class Loop:
         self.draining = False
         self.running = False
         self._emfile_logged = False
+        self._full_warned_at: float | None = None   # last "--max-connections reached"
         self._wakeup = wakeup or Wakeup()     # the CLI's routes signals from start-up on
         core.wake = self._wakeup.wake
         core.edge_taken = _taken
@@ -308,8 +310,7 @@ class Loop:
         lingering = self.lingering
         for _ in range(ACCEPT_BATCH):
             if len(conns) + self.admitting >= self.max_connections:
-                # New clients wait in the kernel's backlog until room frees.
-                self._stop_accepting()
+                self._full()
                 return
             if lingering and len(conns) + self.admitting + len(lingering) >= \
                     self.max_connections:
@@ -337,6 +338,21 @@ class Loop:
             s._mask = IN
             conns[fd] = s
             register(fd, IN)
+
+    def _full(self) -> None:
+        """At --max-connections: new clients wait in the kernel's backlog until room frees.
+
+        A daemon at its limit flaps (one session closes, one client comes
+        in), so the warning comes at most once every FULL_WARNING_EVERY
+        seconds: enough for an operator to see why clients wait.
+        """
+        self._stop_accepting()
+        now = self.core.now
+        if self._full_warned_at is None or now - self._full_warned_at >= FULL_WARNING_EVERY:
+            self._full_warned_at = now
+            log.warning("--max-connections reached (%s open): new clients wait in the "
+                        "listen backlog until one closes (said at most once a minute)",
+                        counted(len(self.conns) + self.admitting, "connection"))
 
     def _fd_exhausted(self, e: OSError) -> None:
         """Out of descriptors: log once per burst, pause accepting briefly."""

@@ -345,6 +345,9 @@ def test_max_connections_leaves_clients_waiting_in_the_backlog(mpxd_run, write_s
     later = d.connect()
     assert readline(later, bytearray()) == b"hello 5"
     assert "ERROR" not in d.log() and "Traceback" not in d.log()
+    # The operator is told why clients wait, once, not at every flap.
+    assert d.count_log(r"WARNING --max-connections reached \(2 connections open\): "
+                       r"new clients wait in the listen backlog") == 1
 
 
 def test_running_out_of_descriptors_pauses_accepting_and_recovers(mpxd_run, write_script):
