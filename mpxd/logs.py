@@ -13,6 +13,7 @@ import logging
 import logging.handlers
 import os
 import re
+import select
 import sys
 import threading
 import time
@@ -249,10 +250,11 @@ class LineBatching:
             stream = self.stream            # type: ignore[attr-defined]
             if not self.batch or stream is None:
                 return
-            text = "\n".join(self.batch) + "\n"
+            texts = _atomic_writes(self.batch)
             self.batch.clear()
             try:
-                _write(stream, text)
+                for text in texts:
+                    _write(stream, text)
             except (OSError, ValueError) as e:
                 if not self.failing:
                     self.write_failed(e)
@@ -273,6 +275,41 @@ class LineBatching:
 
     def write_failed(self, e: Exception) -> None:
         """The first of a run of failed writes; stderr's handler has nowhere to say so."""
+
+
+ATOMIC_WRITE = select.PIPE_BUF     # bytes a pipe takes in one piece (4096 on Linux)
+
+
+def _atomic_writes(lines: list[str]) -> list[str]:
+    """The batch's lines as texts of at most ATOMIC_WRITE bytes, each whole lines.
+
+    Under ``--workers`` every process writes to the same stderr.  A pipe (a
+    container runtime's, supervisord's, ``| tee``) takes a write of up to
+    PIPE_BUF bytes in one piece, but may cut a longer one where another
+    process's write gets in: half a line from one worker, then the other's.
+    A busy pass's batch passes 4 KiB.  One line longer than that is written
+    on its own.  Files are opened for appending, where every write is whole.
+    """
+    text = "\n".join(lines) + "\n"
+    if _size(text) <= ATOMIC_WRITE:
+        return [text]
+    texts: list[str] = []
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        n = _size(line) + 1
+        if chunk and size + n > ATOMIC_WRITE:
+            texts.append("\n".join(chunk) + "\n")
+            chunk, size = [], 0
+        chunk.append(line)
+        size += n
+    texts.append("\n".join(chunk) + "\n")
+    return texts
+
+
+def _size(text: str) -> int:
+    """``text``'s length in bytes once written, near enough."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "replace"))
 
 
 def _write(stream: Any, text: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import select
 import threading
 
 import pytest
@@ -119,3 +120,40 @@ def test_reopening_a_log_file_writes_the_batch_into_the_old_file(tmp_path):
     assert "before the rotation" in (tmp_path / "mpxd.log.1").read_text()
     assert "before the rotation" not in path.read_text()
     assert "reopened" in path.read_text()
+
+
+class Writes(io.StringIO):
+    """A stream that remembers each write: what reaches the pipe in one piece."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_a_big_batch_goes_out_in_writes_a_pipe_keeps_whole():
+    # Under --workers every process writes to one stderr; a pipe may cut a
+    # write over PIPE_BUF where another process's gets in, mid-line.
+    out = Writes()
+    setup_logging("info", stream=out)
+    try:
+        start_batching()
+        for n in range(200):
+            log_fast(log, logging.INFO, "session %d 127.0.0.1:40000 closed: eof, %s", n,
+                     "é" * (n % 7) + "x" * 40)
+        log_fast(log, logging.INFO, "a long one %s", "y" * 9000)
+        flush_batched()
+    finally:
+        stop_batching()
+        setup_logging("info", stream=io.StringIO())
+    assert len(out.writes) > 4
+    for text in out.writes:
+        assert text.endswith("\n")
+        if "a long one" not in text:
+            assert len(text.encode()) <= select.PIPE_BUF
+    messages = [PLAIN.match(line).group(2) for line in out.getvalue().splitlines()]
+    assert [m.split()[1] for m in messages[:-1]] == [str(n) for n in range(200)]
+    assert messages[-1] == "a long one " + "y" * 9000
