@@ -14,7 +14,8 @@ here, "/quit" leaves; another line starting with "/" gets a usage line.
 Every other line is broadcast as "<name> text" with send_response to every
 other session, its control characters (a CR that would let one client
 overwrite the line on the others' terminals, "* guest1 left") shown as "?".
-Joins and leaves are announced from handle_open and handle_close.  The
+Joins and leaves are announced from handle_open and handle_close, and a
+stop of the daemon (kill -TERM, mpxctl drain) from on_stopping.  The
 sender gets nothing back for a chat line, so the others' lines never
 interleave with its own.
 
@@ -90,6 +91,11 @@ def _nick(s, args):
     s.handle["nick"] = new
     s.response = f"* you are now {new}"
     _broadcast(s, f"* {old} is now {new}")
+
+
+def on_stopping(server):
+    """The daemon is stopping: tell everyone, before their connections close."""
+    _broadcast(None, "* the server is going down")
 
 
 def handle_close(s):

@@ -21,6 +21,10 @@ Besides ``handle_request(s)`` (required), ``handle_open(s)`` and
                        server (``mpxd.core.Core``); ``server.call_later``,
                        ``server.sessions()`` and the rest work as the
                        functions here do.
+``on_stopping(server)``  once, when the daemon begins to stop (a stop
+                       signal, ``mpxctl drain``), before any session is
+                       closed: what it sends to ``sessions()`` with
+                       ``send_response`` goes out ahead of the close.
 ``on_stop(server)``    once, when the daemon stops, after the last session
                        closed: close what ``on_start`` opened.
 ``on_reload(old_module)``  on SIGHUP, in the newly loaded version, before it
@@ -29,7 +33,7 @@ Besides ``handle_request(s)`` (required), ``handle_open(s)`` and
                        raises, the old version keeps serving.
 
 An exception in ``on_start`` stops start-up (logged; exit status 1, and
-``on_stop`` does not run); one in ``on_stop`` is logged and the stop goes on.
+``on_stop`` does not run); one in ``on_stopping`` or ``on_stop`` is logged and the stop goes on.
 With ``--workers N`` every worker process runs the hooks for its own copy
 of the script.
 """

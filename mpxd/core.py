@@ -180,6 +180,7 @@ class Core:
         self.closed_bytes_in = 0        # of the sessions that have ended (for stats)
         self.closed_bytes_out = 0
         self.reloads = 0
+        self._stopping_said = False     # on_stopping has run
         self._install(handlers)
 
     # ----------------------------------------------------------- the script
@@ -671,8 +672,23 @@ class Core:
             s._reason = reason
         self.dirty.append(s)
 
+    def stopping(self) -> None:
+        """The daemon begins to stop: the script's ``on_stopping``, once.
+
+        Before any session is closed, so a goodbye it sends with
+        ``send_response`` goes out ahead of the close.
+        """
+        if self._stopping_said:
+            return
+        self._stopping_said = True
+        global _current
+        _current = self
+        if self.handlers.on_stopping is not None:
+            self._call_user(self.handlers.on_stopping, None, "on_stopping", self)
+
     def shutdown(self) -> None:
         """Begin a graceful stop: every session writes its output and closes."""
+        self.stopping()
         for s in list(self.sessions_by_id.values()):
             self.request_close(s, "shutdown")
 

@@ -666,6 +666,7 @@ class Loop:
         for sock in self.listeners.values():
             sock.close()
         self.listeners.clear()
+        self.core.stopping()
 
     # ------------------------------------------------------------ draining
 

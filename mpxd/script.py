@@ -55,6 +55,7 @@ class Handlers:
     on_start: Callable[[Any], Any] | None
     on_stop: Callable[[Any], Any] | None
     on_reload: Callable[[Any], Any] | None
+    on_stopping: Callable[[Any], Any] | None = None
     # What loading this version did to sys.modules and sys.path, to undo
     # should it be refused after all (``retire(version, serving)``).
     helpers: HelperSwap | None = None
@@ -79,7 +80,8 @@ def _optional(module: types.ModuleType, path: str, name: str) -> Callable | None
 
 # What mpxd passes to each function it calls: always one argument.
 ARGUMENT = {"handle_request": "s", "handle_open": "s", "handle_close": "s",
-            "on_start": "server", "on_stop": "server", "on_reload": "old_module"}
+            "on_start": "server", "on_stopping": "server", "on_stop": "server",
+            "on_reload": "old_module"}
 
 
 def _refuse_wrong_arity(path: str, name: str, fn: Callable) -> None:
@@ -447,8 +449,8 @@ def _natural_name(path: str) -> list[str]:
     return [stem] if origin and os.path.realpath(origin) == os.path.realpath(path) else []
 
 
-HOOKS = ("handle_request", "handle_open", "handle_close", "on_start", "on_stop",
-         "on_reload")
+HOOKS = ("handle_request", "handle_open", "handle_close", "on_start", "on_stopping",
+         "on_stop", "on_reload")
 
 
 def _near_misses(module: types.ModuleType) -> dict[str, str]:
@@ -504,4 +506,5 @@ def _execute_and_collect(path: str, code: types.CodeType, module: types.ModuleTy
         on_start=_optional(module, path, "on_start"),
         on_stop=_optional(module, path, "on_stop"),
         on_reload=_optional(module, path, "on_reload"),
+        on_stopping=_optional(module, path, "on_stopping"),
     )

@@ -317,6 +317,25 @@ def handle_request(s):
         f"start {d.pid}", "timer from on_start", "stop 0 open"]
 
 
+def test_on_stopping_says_goodbye_before_a_stop_closes_the_sessions(daemon, write_script):
+    d = daemon(write_script("""
+from mpxd import send_response, sessions
+
+def on_stopping(server):
+    for s in sessions():
+        s.response = f"bye {s.id}, {len(server.sessions())} open"
+        send_response(s)
+
+def handle_request(s):
+    s.response = "pong"
+"""))
+    a, b = d.connect(), d.connect()
+    assert a.ask("ping") == "pong" and b.ask("ping") == "pong"
+    assert d.stop() == 0
+    assert a.read_all() == b"bye 1, 2 open\n"
+    assert b.read_all() == b"bye 2, 2 open\n"
+
+
 FAILING_ON_START = """
 def on_start(server):
     raise ConnectionError("database unreachable")

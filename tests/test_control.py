@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -296,6 +297,32 @@ def test_drain_stops_accepting_and_exits_after_the_last_session(served):
     load.stop()                                       # the clients leave...
     assert d.wait(10) == 0                            # ...and the daemon goes
     assert not os.path.exists(d.control)
+
+
+def test_a_drain_runs_on_stopping_and_leaves_the_sessions_open(mpxd, tmp_path):  # noqa: F811
+    d, control, port = with_control(mpxd, tmp_path, """
+from mpxd import send_response, sessions
+
+def on_stopping(server):
+    for s in sessions():
+        s.response = "draining: please reconnect elsewhere"
+        send_response(s)
+
+def handle_request(s):
+    s.response = "pong"
+""")
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    reader = client.makefile("rb")
+    client.sendall(b"ping\n")
+    assert reader.readline() == b"pong\n"
+    assert ask(control, "drain")[1] == "draining: 1 session open"
+    assert reader.readline() == b"draining: please reconnect elsewhere\n"
+    client.sendall(b"ping\n")
+    assert reader.readline() == b"pong\n"             # still served
+    d.proc.send_signal(signal.SIGTERM)                 # on_stopping ran already
+    assert reader.readline() == b""
+    assert d.wait(10) == 0
+    client.close()
 
 
 def test_the_small_things_of_the_control_channel(mpxd, tmp_path):  # noqa: F811

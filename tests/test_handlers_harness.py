@@ -118,6 +118,16 @@ def test_chat_broadcasts_to_the_others_only(chat):
     assert alice.new() == []
 
 
+def test_chat_says_the_server_is_going_down_before_it_closes(chat):
+    alice, bob = chat.connect(), chat.connect()
+    alice.send("/nick alice")
+    for c in (alice, bob):
+        c.new()
+    chat.close()
+    assert alice.new() == bob.new() == ["* the server is going down"]
+    assert alice.closed and bob.closed
+
+
 def test_chat_nick_rules_and_who(chat):
     alice, bob = chat.connect(), chat.connect()
     alice.send("/nick alice")

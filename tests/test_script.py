@@ -171,7 +171,7 @@ def test_a_missing_handle_request(write_script):
 
 
 @pytest.mark.parametrize("name", ["handle_request", "handle_close", "handle_open",
-                                  "on_start", "on_stop", "on_reload"])
+                                  "on_start", "on_stopping", "on_stop", "on_reload"])
 def test_a_handler_that_is_not_callable(write_script, name):
     source = "def handle_request(s): pass\n" if name != "handle_request" else ""
     message = load_error(write_script(source + f"{name} = 42\n"))
@@ -179,7 +179,7 @@ def test_a_handler_that_is_not_callable(write_script, name):
 
 
 @pytest.mark.parametrize("name", ["handle_request", "handle_close", "handle_open",
-                                  "on_start", "on_stop", "on_reload"])
+                                  "on_start", "on_stopping", "on_stop", "on_reload"])
 @pytest.mark.parametrize("kind, body, said", [
     ("async def", "    pass", "is an async def"),
     ("async def", "    yield", "is an async def"),
@@ -195,7 +195,8 @@ def test_a_handler_that_would_never_run_is_refused(write_script, name, kind, bod
 
 @pytest.mark.parametrize("name, argument", [
     ("handle_request", "s"), ("handle_close", "s"), ("handle_open", "s"),
-    ("on_start", "server"), ("on_stop", "server"), ("on_reload", "old_module")])
+    ("on_start", "server"), ("on_stopping", "server"), ("on_stop", "server"),
+    ("on_reload", "old_module")])
 @pytest.mark.parametrize("parameters", ["", "a, b", "*, s", "**options"])
 def test_a_handler_that_cannot_take_its_one_argument_is_refused(
         write_script, name, argument, parameters):
@@ -773,7 +774,8 @@ def test_a_script_named_like_a_standard_module_is_warned_about(tmp_path):
 
 @pytest.mark.parametrize("name, hook", [("handle_opne", "handle_open"),
                                         ("on_startup", "on_start"),
-                                        ("on_stopped", "on_stop")])
+                                        ("on_stopped", "on_stop"),
+                                        ("on_stoping", "on_stopping")])
 def test_a_hook_name_misspelled_is_warned_about(write_script, caplog, name, hook):
     # It would never be called, without a word.
     path = write_script(f"def {name}(x):\n    pass\n"

@@ -829,6 +829,51 @@ def test_close_shuts_down_every_session_and_runs_on_stop(write_script):
         h.connect()
 
 
+GOING_DOWN = """
+from mpxd import send_response, sessions, close_session
+
+said = []
+
+def on_stopping(server):
+    said.append(len(server.sessions()))
+    for s in sessions():
+        s.response = "server going down"
+        send_response(s)
+
+def handle_request(s):
+    s.response = "ok"
+
+def handle_close(s):
+    said.append("closed")
+"""
+
+
+def test_on_stopping_says_goodbye_before_the_sessions_close(write_script):
+    h = Harness(write_script(GOING_DOWN))
+    a, b = h.connect(), h.connect()
+    assert a.send("x") == ["ok"]
+    h.close()
+    assert a.new() == ["server going down"] and b.new() == ["server going down"]
+    assert a.closed and a.close_reason == "shutdown"
+    h.close()
+    assert h.module.said == [2, "closed", "closed"]     # once, before any session closed
+    assert h.errors == []
+
+
+def test_a_failing_on_stopping_is_logged_and_the_stop_goes_on(write_script):
+    h = Harness(write_script("""
+def on_stopping(server):
+    raise RuntimeError("no goodbye today")
+
+def handle_request(s):
+    s.response = "ok"
+"""))
+    c = h.connect()
+    h.close()
+    assert c.closed and c.close_reason == "shutdown"
+    assert [what for what, _, _ in h.errors] == ["on_stopping"]
+
+
 # ------------------------------------------------------------- framing limits
 
 
