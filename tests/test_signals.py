@@ -704,12 +704,16 @@ def test_hups_that_come_during_a_slow_reload_are_one_more_reload(mpxd, tmp_path)
     script, marker = slow_script(tmp_path, import_sleep=0)
     d = mpxd(["--port", "0", "--host", "127.0.0.1", script])
     d.wait_listening()
-    slow_script(tmp_path, import_sleep=0.5)             # the same file, now slow
-    for _ in range(6):
+    slow_script(tmp_path, import_sleep=1.5)             # the same file, now slow
+    d.signal(signal.SIGHUP)
+    wait_for_marker(marker, "importing")                # the reload is under way
+    for _ in range(5):                                  # well within its 1.5 s
         d.signal(signal.SIGHUP)
-        time.sleep(0.1)
-    time.sleep(3)
-    assert d.log().count("INFO reloaded ") == 2, d.log()   # the first, then one more
+        time.sleep(0.02)
+    assert wait_until(lambda: d.log().count("INFO reloaded ") == 2, timeout=10), d.log()
+    time.sleep(0.5)
+    # The first, then one more for all five: no third.
+    assert d.log().count("INFO reloading ") == 2, d.log()
     assert d.stop() == 0
 
 
