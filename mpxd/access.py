@@ -201,6 +201,9 @@ def refusal_log(core: Core) -> BurstLog:
                     summary="refused {count} {when}", noun="connection", later="refusals")
 
 
+ADMITTED, DENIED, TOO_MANY = "", "denied", "too many"    # Gate.admit's verdicts
+
+
 class Gate:
     """The access check made once per accepted TCP connection."""
 
@@ -210,15 +213,15 @@ class Gate:
         self.per_address = per_address
         self.refusals = refusals
 
-    def admit(self, host: str) -> bool:
-        """Whether ``host`` may connect now; a refusal is logged (in bursts)."""
+    def admit(self, host: str) -> str:
+        """``ADMITTED`` if ``host`` may connect now, else why not (logged in bursts)."""
         if self.rules is not None and not self.rules.allows(host):
             self.refusals.event(host, host, "denied by --allow/--deny")
-            return False
+            return DENIED
         if self.per_address is not None and not self.per_address.room(host):
             self.refusals.event(host, host, f"over --max-per-ip {self.per_address.limit}")
-            return False
-        return True
+            return TOO_MANY
+        return ADMITTED
 
     def track(self, host: str, conn: Any) -> None:
         """Count an admitted connection (session or handshake) for ``--max-per-ip``."""

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from .access import AccessRules, AddressLimit, Gate, RateLimit, parse_network, refusal_log
+from .access import (TOO_MANY, AccessRules, AddressLimit, Gate, RateLimit, parse_network,
+                     refusal_log)
 from .control import ControlServer, ListenerTally
 from .listeners import describe
 from .logs import BurstLog
@@ -303,6 +304,8 @@ class Admission:
         self.rate = rate
         self.tally = tally
         self.needed = bool(unix or gate or tls or rate or tally)
+        self.too_many = b"ERROR too many connections from your address" + \
+            loop.config.eol.encode()
 
     def __call__(self, fd: int, addr: Any) -> None:
         if self.unix:
@@ -314,9 +317,19 @@ class Admission:
             return
         peer = addr[:2]
         gate = self.gate
-        if gate is not None and not gate.admit(peer[0]):
-            os.close(fd)
-            return
+        if gate is not None:
+            verdict = gate.admit(peer[0])
+            if verdict:
+                if verdict == TOO_MANY and self.tls is None:
+                    # As "ERROR line too long": a client learns why.  A
+                    # denied one is told nothing.  Best effort: the socket
+                    # is new, its buffer empty, and nothing waits for it.
+                    try:
+                        os.write(fd, self.too_many)
+                    except OSError:
+                        pass
+                os.close(fd)
+                return
         if self.tls is not None:
             conn: Any = self.tls.handshake(fd, peer, self.open)
         else:

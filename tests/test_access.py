@@ -302,6 +302,8 @@ def test_allow_refuses_everything_else(mpxd, handler):  # noqa: F811
 def test_more_specific_deny_inside_an_allowed_network(mpxd, handler):  # noqa: F811
     d = start(mpxd, handler, "--deny", "127.0.0.1", "--allow", "127.0.0.0/8", "--allow", "::1")
     assert not greeted("127.0.0.1", d.port)
+    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as denied:
+        assert denied.makefile("rb").read() == b""        # told nothing
     if ipv6_loopback():
         assert greeted("::1", d.port)
     assert d.stop() == 0
@@ -322,6 +324,9 @@ def test_max_per_ip_counts_each_address_and_frees_on_close(mpxd, handler):  # no
     assert first.recv(100) == b"hello\n" and second.recv(100) == b"hello\n"
     for _ in range(10):                           # a burst of refusals
         assert not greeted("127.0.0.1", d.port)
+    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as refused:
+        assert refused.makefile("rb").read() == \
+            b"ERROR too many connections from your address\n"     # told why
     if ipv6_loopback():
         assert greeted("::1", d.port)             # another address has its own count
     first.close()
