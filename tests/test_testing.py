@@ -206,6 +206,18 @@ def test_greeting_from_handle_open_comes_first(harness):
     assert c.received() == ["hello 203.0.113.5", "1:a"]
 
 
+def test_a_peer_that_is_no_address_is_refused_and_a_unix_one_taken(harness):
+    # "10.0.0.1" alone made s.peer[0] "1" in the handler, without a word.
+    h = harness(LIFECYCLE)
+    for wrong in ("10.0.0.1", ("10.0.0.1",), ("10.0.0.1", "80"), ["10.0.0.1", 80]):
+        with pytest.raises(TypeError, match=r"h.connect needs peer=\(host, port\)"):
+            h.connect(peer=wrong)
+    from mpxd.unix import UnixPeer
+    c = h.connect(peer=UnixPeer(4242, 1000, 1000))
+    assert c.peer.uid == 1000
+    assert c.send("a") == ["1:a"]
+
+
 def test_send_returns_its_own_answers_and_new_the_rest(harness):
     h = harness(LIFECYCLE)
     c = h.connect()

@@ -34,6 +34,7 @@ from ..config import Config, water_marks
 from ..core import Core, as_seconds, check_callable, check_job
 from ..script import Handlers, ScriptError, load_script
 from ..session import Session
+from ..unix import UnixPeer
 
 __all__ = ["Harness", "Client"]
 
@@ -364,12 +365,20 @@ class Harness:
     def connect(self, peer: Any = None, tls_peer: str | None = None) -> Client:
         """Open a connection from ``peer`` (a ``(host, port)``); runs ``handle_open``.
 
-        ``tls_peer`` sets ``s.tls_peer`` as a verified TLS client certificate would.
+        ``peer`` may also be a ``mpxd.unix.UnixPeer(pid, uid, gid)``, as
+        ``s.peer`` is for a ``--unix`` client.  ``tls_peer`` sets
+        ``s.tls_peer`` as a verified TLS client certificate would.
         """
         self._check_running()
         if peer is None:
             self._next_port += 1
             peer = ("127.0.0.1", self._next_port)
+        elif not isinstance(peer, UnixPeer):
+            # A bare host ("10.0.0.1") would make s.peer[0] "1" in the handler.
+            if not (isinstance(peer, tuple) and len(peer) == 2 and isinstance(peer[0], str)
+                    and isinstance(peer[1], int)):
+                raise TypeError(f"h.connect needs peer=(host, port), as s.peer is for a "
+                                f"TCP client, such as ('203.0.113.5', 4242); not {peer!r}")
         if tls_peer is None:
             s = self.core.open_session(peer)
         else:
