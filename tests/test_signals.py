@@ -368,17 +368,23 @@ def rewrite_same_size_and_time(path: str, old: str, new: str) -> None:
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
 
 
-def test_a_third_stop_signal_ends_a_stuck_daemon(daemon, tmp_path):
-    # A handler that never returns keeps the loop from taking up TERM and
-    # INT: ^C, ^C, ^C did nothing, and only SIGKILL ended it.
+def stuck(daemon, tmp_path, source: str):
+    """A daemon serving ``source`` (stuck.py), and a client whose request it is stuck on."""
     script = tmp_path / "stuck.py"
-    script.write_text("import time\n"
-                      "def handle_request(s):\n"
-                      "    time.sleep(60)\n")
+    script.write_text(source)
     d = daemon(str(script))
     client = d.connect()
     client.send("x\n")
-    time.sleep(0.3)                             # the handler sleeps now
+    time.sleep(0.3)                             # the handler is stuck now
+    return d, client
+
+
+def test_a_third_stop_signal_ends_a_stuck_daemon(daemon, tmp_path):
+    # A handler that never returns keeps the loop from taking up TERM and
+    # INT: ^C, ^C, ^C did nothing, and only SIGKILL ended it.
+    d, client = stuck(daemon, tmp_path, "import time\n"
+                                        "def handle_request(s):\n"
+                                        "    time.sleep(60)\n")
     for _ in range(3):
         d.signal(signal.SIGINT)
         time.sleep(1.1)
@@ -392,16 +398,11 @@ def test_a_third_stop_signal_ends_a_stuck_daemon(daemon, tmp_path):
 def test_a_watchdogs_abort_logs_where_the_handler_is_stuck(daemon, tmp_path):
     # systemd's watchdog sends SIGABRT to a daemon whose loop a handler
     # blocks: the journal showed the restart, and nothing of why.
-    script = tmp_path / "stuck.py"
-    script.write_text("def spin():\n"
-                      "    while True:\n"
-                      "        pass\n"
-                      "def handle_request(s):\n"
-                      "    spin()\n")
-    d = daemon(str(script))
-    client = d.connect()
-    client.send("x\n")
-    time.sleep(0.3)                             # the handler spins now
+    d, client = stuck(daemon, tmp_path, "def spin():\n"
+                                        "    while True:\n"
+                                        "        pass\n"
+                                        "def handle_request(s):\n"
+                                        "    spin()\n")
     d.signal(signal.SIGABRT)
     d.expect_log(r"Fatal Python error: Aborted")
     d.expect_log(r'stuck.py", line [23] in spin\r?\n.*stuck.py", line 5 in handle_request')
