@@ -150,7 +150,7 @@ class Loop:
         self.draining = False
         self.running = False
         self._emfile_logged = False
-        self._full_warned_at: float | None = None   # last "--max-connections reached"
+        self._full_warned_at = float("-inf")     # last "--max-connections reached"
         self._wakeup = wakeup or Wakeup()     # the CLI's routes signals from start-up on
         core.wake = self._wakeup.wake
         core.edge_taken = _taken
@@ -348,7 +348,7 @@ class Loop:
         """
         self._stop_accepting()
         now = self.core.now
-        if self._full_warned_at is None or now - self._full_warned_at >= FULL_WARNING_EVERY:
+        if now - self._full_warned_at >= FULL_WARNING_EVERY:
             self._full_warned_at = now
             log.warning("--max-connections reached (%s open): new clients wait in the "
                         "listen backlog until one closes (said at most once a minute)",

@@ -373,12 +373,12 @@ class Harness:
         if peer is None:
             self._next_port += 1
             peer = ("127.0.0.1", self._next_port)
-        elif not isinstance(peer, UnixPeer):
+        elif not isinstance(peer, UnixPeer) and not (
+                isinstance(peer, tuple) and len(peer) == 2
+                and isinstance(peer[0], str) and isinstance(peer[1], int)):
             # A bare host ("10.0.0.1") would make s.peer[0] "1" in the handler.
-            if not (isinstance(peer, tuple) and len(peer) == 2 and isinstance(peer[0], str)
-                    and isinstance(peer[1], int)):
-                raise TypeError(f"h.connect needs peer=(host, port), as s.peer is for a "
-                                f"TCP client, such as ('203.0.113.5', 4242); not {peer!r}")
+            raise TypeError(f"h.connect needs peer=(host, port), as s.peer is for a "
+                            f"TCP client, such as ('203.0.113.5', 4242); not {peer!r}")
         if tls_peer is None:
             s = self.core.open_session(peer)
         else:
